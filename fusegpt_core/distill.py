@@ -1,0 +1,142 @@
+"""Group-level fine-tuning: the student group (without the removed block) learns to reproduce the
+teacher group's output on the group's own input (local distillation)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import run_block
+from .errors import Cancelled, TrainingDiverged
+
+
+def kl_batch_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The reference loss: KL(teacher || student) with the softmax over the BATCH dimension (dim 0),
+    per (token, channel) position, 'batchmean' reduction. Depends on the batch size."""
+    return F.kl_div(
+        F.log_softmax(student.float(), dim=0),
+        F.log_softmax(teacher.float(), dim=0),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
+def mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "kl": kl_batch_loss,
+    "mse": mse_loss,
+    "cosine": cosine_loss,
+}
+
+
+@dataclass
+class DistillResult:
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every optimiser step."""
+    steps: int = 0
+
+
+def finetune(
+    blocks: list[nn.Module],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict[str, Any],
+    coef_params: list[nn.Parameter],
+    other_params: list[nn.Parameter],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr_coef: float,
+    lr_other: float,
+    loss: str = "mse",
+    betas: tuple[float, float] = (0.9, 0.95),
+    grad_clip: float = 1.0,
+    divergence_factor: float = 10.0,
+    seed: int = 0,
+    on_step: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> DistillResult:
+    """Train the student `blocks` so that running them on `inputs` gives `targets`.
+
+    inputs, targets: (n_windows, seq_len, hidden). A fresh Adam with two learning rates and a
+    cosine decay over all steps of this round, as in the paper. Raises TrainingDiverged when the
+    loss is NaN/inf or grows past `divergence_factor` x its first value, Cancelled on stop.
+    """
+    loss_fn = LOSSES[loss]
+    groups = [{"params": coef_params, "lr": lr_coef}]
+    if other_params:
+        groups.append({"params": other_params, "lr": lr_other})
+    optimizer = torch.optim.Adam(groups, betas=betas)
+    n = inputs.shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+    generator = torch.Generator().manual_seed(seed)
+    result = DistillResult()
+    params = coef_params + other_params
+    # blocks stay in eval mode: no dropout, so the student sees what the teacher saw
+    try:
+        step = 0
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                if should_stop is not None and should_stop():
+                    raise Cancelled("stopped by the user during group fine-tuning")
+                idx = order[start : start + batch_size]
+                h = inputs[idx.to(inputs.device)]
+                for block in blocks:
+                    h = run_block(block, h, kwargs)
+                value = loss_fn(h, targets[idx.to(targets.device)].to(h.device))
+                if not torch.isfinite(value):
+                    raise TrainingDiverged(f"the fine-tuning loss became {value.item()} at step {step + 1}")
+                first = result.losses[0] if result.losses else None
+                if first is not None and first > 0 and value.item() > divergence_factor * first:
+                    raise TrainingDiverged(
+                        f"the fine-tuning loss exploded to {value.item():.4g} "
+                        f"({value.item() / first:.1f}x its first value) at step {step + 1}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                result.losses.append(value.item())
+                result.steps = step
+                if on_step is not None:
+                    on_step(step, total, value.item())
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+    return result
+
+
+@torch.no_grad()
+def group_loss(
+    blocks: list[nn.Module], inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict[str, Any], loss: str, batch_size: int
+) -> float:
+    """Mean loss of `blocks` on all windows, without training (for before/after figures)."""
+    loss_fn = LOSSES[loss]
+    total, count = 0.0, 0
+    for start in range(0, inputs.shape[0], batch_size):
+        h = inputs[start : start + batch_size]
+        for block in blocks:
+            h = run_block(block, h, kwargs)
+        total += loss_fn(h, targets[start : start + batch_size].to(h.device)).item() * h.shape[0]
+        count += h.shape[0]
+    return total / max(count, 1)

@@ -1,0 +1,152 @@
+"""The fused linear layer: a block's own linear plus the weights of removed blocks, mixed in
+through learnable low-rank coefficients (FuseGPT, arXiv 2411.14507, eq. for W_eff).
+
+    W_eff = W + B A + sum_k (C_k D_k) * W_k          (* is elementwise)
+    b_eff = b + sum_k c_k * b_k
+
+W is the frozen base weight, B A an optional LoRA on it, W_k the frozen weight of the k-th block
+absorbed into this one, C_k D_k its rank-r coefficient matrix. C_k, B and c_k start at zero, so a
+freshly fused layer computes exactly what the base layer did. Works for nn.Linear (weight
+(out, in)) and GPT-2's Conv1D (weight (in, out)): every term has the base weight's layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _weight_and_bias(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(layer, FusedLinear):
+        return layer.effective_weight(), layer.effective_bias()
+    return layer.weight.detach(), (layer.bias.detach() if getattr(layer, "bias", None) is not None else None)
+
+
+class FusedLinear(nn.Module):
+    """Wraps `base_layer` (kept as is, frozen); trainable parts are fp32 parameters."""
+
+    def __init__(self, base_layer: nn.Module, lora_rank: int = 0, conv1d: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.conv1d = conv1d
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        rows, cols = base_layer.weight.shape
+        device = base_layer.weight.device
+        self.lora_rank = lora_rank
+        if lora_rank > 0:
+            # B starts at zero so the LoRA adds nothing until trained
+            self.lora_A = nn.Parameter(torch.empty(lora_rank, cols, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(rows, lora_rank, device=device))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.coef_C = nn.ParameterList()  # each (rows, r), zero-initialised
+        self.coef_D = nn.ParameterList()  # each (r, cols), kaiming-uniform
+        self.bias_coef = nn.ParameterList()  # each (bias_len,), zero-initialised
+        self.num_absorbed = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight, so code that reads `.weight` sees what the layer computes."""
+        return self.effective_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.effective_bias()
+
+    def absorb(self, other: nn.Module, coef_rank: int, fuse_bias: bool = True, generator=None) -> None:
+        """Inject the (effective) weight of the same linear of a removed block."""
+        weight, bias = _weight_and_bias(other)
+        if weight.shape != self.base_layer.weight.shape:
+            raise ValueError(f"cannot fuse weight {tuple(weight.shape)} into {tuple(self.base_layer.weight.shape)}")
+        k = self.num_absorbed
+        rows, cols = weight.shape
+        device = self.base_layer.weight.device
+        rank = min(coef_rank, rows, cols)
+        self.register_buffer(f"absorbed_weight_{k}", weight.detach().to(device), persistent=False)
+        self.coef_C.append(nn.Parameter(torch.zeros(rows, rank, device=device)))
+        d = torch.empty(rank, cols, device=device)
+        # kaiming_uniform_(a=sqrt 5): bound = 1/sqrt(fan_in), drawn from our own generator for determinism
+        bound = 1.0 / math.sqrt(cols)
+        d.uniform_(-bound, bound, generator=generator)
+        self.coef_D.append(nn.Parameter(d))
+        base_bias = getattr(self.base_layer, "bias", None)
+        has_bias = fuse_bias and bias is not None and base_bias is not None
+        self.register_buffer(
+            f"absorbed_bias_{k}", bias.detach().to(device) if has_bias else None, persistent=False
+        )
+        self.bias_coef.append(nn.Parameter(torch.zeros(bias.shape[0] if has_bias else 0, device=device)))
+        self.num_absorbed += 1
+
+    def delta_weight(self) -> torch.Tensor:
+        """B A + sum_k (C_k D_k) * W_k, in fp32, shaped like the base weight."""
+        base = self.base_layer.weight
+        delta = torch.zeros(base.shape, device=base.device, dtype=torch.float32)
+        if self.lora_rank > 0:
+            delta = delta + self.lora_B @ self.lora_A
+        for k in range(self.num_absorbed):
+            absorbed = getattr(self, f"absorbed_weight_{k}").float()
+            delta = delta + (self.coef_C[k] @ self.coef_D[k]) * absorbed
+        return delta
+
+    def delta_bias(self) -> torch.Tensor | None:
+        base_bias = getattr(self.base_layer, "bias", None)
+        if base_bias is None:
+            return None
+        delta = torch.zeros(base_bias.shape, device=base_bias.device, dtype=torch.float32)
+        for k in range(self.num_absorbed):
+            absorbed = getattr(self, f"absorbed_bias_{k}")
+            if absorbed is not None:
+                delta = delta + self.bias_coef[k] * absorbed.float()
+        return delta
+
+    def effective_weight(self) -> torch.Tensor:
+        base = self.base_layer.weight
+        return (base.float() + self.delta_weight()).to(base.dtype)
+
+    def effective_bias(self) -> torch.Tensor | None:
+        base_bias = getattr(self.base_layer, "bias", None)
+        if base_bias is None:
+            return None
+        return (base_bias.float() + self.delta_bias()).to(base_bias.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.effective_weight().to(x.dtype)
+        bias = self.effective_bias()
+        bias = bias.to(x.dtype) if bias is not None else None
+        if self.conv1d:  # Conv1D: x (..., in) @ W (in, out) + b
+            out = x.reshape(-1, x.shape[-1]) @ weight
+            if bias is not None:
+                out = out + bias
+            return out.reshape(*x.shape[:-1], weight.shape[-1])
+        return F.linear(x, weight, bias)
+
+    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(fusion coefficients, LoRA matrices)."""
+        coefs = [*self.coef_C, *self.coef_D, *[c for c in self.bias_coef if c.numel() > 0]]
+        lora = [self.lora_A, self.lora_B] if self.lora_rank > 0 else []
+        return coefs, lora
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Fold everything into the base layer (computed in fp32) and return it: a stock module."""
+        base = self.base_layer
+        base.weight.data.copy_(self.effective_weight())
+        bias = self.effective_bias()
+        if bias is not None:
+            base.bias.data.copy_(bias)
+        return base
+
+
+def fold_fused_linears(module: nn.Module) -> int:
+    """Replace every FusedLinear below `module` by its merged base layer; returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, FusedLinear):
+            setattr(module, name, child.merge())
+            count += 1
+        else:
+            count += fold_fused_linears(child)
+    return count
