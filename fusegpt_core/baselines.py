@@ -52,6 +52,9 @@ def merge_lora(model: nn.Module) -> int:
                 module.merge()
                 set_module(block, name, module.get_base_layer())
                 count += 1
+        for attr in ("peft_config", "_hf_peft_config_loaded"):  # left by inject_adapter_in_model
+            if attr in block.__dict__:
+                delattr(block, attr)
     return count
 
 

@@ -128,7 +128,12 @@ def finetune(
 
 @torch.no_grad()
 def group_loss(
-    blocks: list[nn.Module], inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict[str, Any], loss: str, batch_size: int
+    blocks: list[nn.Module],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict[str, Any],
+    loss: str,
+    batch_size: int,
 ) -> float:
     """Mean loss of `blocks` on all windows, without training (for before/after figures)."""
     loss_fn = LOSSES[loss]

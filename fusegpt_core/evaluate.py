@@ -102,7 +102,9 @@ def decode_speed(model: nn.Module, tokenizer, new_tokens: int = 32, prompt_token
         top_p=None,
         top_k=None,
     )
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+    model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2}
+    )
     best = 0.0
     for _ in range(repeats):
         _sync(device)

@@ -42,6 +42,8 @@ class FusedLinear(nn.Module):
             self.lora_A = nn.Parameter(torch.empty(lora_rank, cols, device=device))
             self.lora_B = nn.Parameter(torch.zeros(rows, lora_rank, device=device))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_A.requires_grad_(False)  # frozen until a round trains this group
+            self.lora_B.requires_grad_(False)
         self.coef_C = nn.ParameterList()  # each (rows, r), zero-initialised
         self.coef_D = nn.ParameterList()  # each (r, cols), kaiming-uniform
         self.bias_coef = nn.ParameterList()  # each (bias_len,), zero-initialised
@@ -74,10 +76,10 @@ class FusedLinear(nn.Module):
         self.coef_D.append(nn.Parameter(d))
         base_bias = getattr(self.base_layer, "bias", None)
         has_bias = fuse_bias and bias is not None and base_bias is not None
-        self.register_buffer(
-            f"absorbed_bias_{k}", bias.detach().to(device) if has_bias else None, persistent=False
-        )
+        self.register_buffer(f"absorbed_bias_{k}", bias.detach().to(device) if has_bias else None, persistent=False)
         self.bias_coef.append(nn.Parameter(torch.zeros(bias.shape[0] if has_bias else 0, device=device)))
+        for p in (self.coef_C[k], self.coef_D[k], self.bias_coef[k]):
+            p.requires_grad_(False)  # frozen until a round trains this group
         self.num_absorbed += 1
 
     def delta_weight(self) -> torch.Tensor:

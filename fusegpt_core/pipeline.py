@@ -276,7 +276,9 @@ def _train_round(
     ctx.stage("fuse", f"round {r + 1}/{count}: fusing block {info['removed']} into {info['targets']}")
     with torch.no_grad():
         # the group's input: calibration data through the CURRENT blocks before it
-        group_in = run_blocks(blocks_before[:lo], calib_inputs.hidden, calib_inputs.kwargs, d.batch_size, ctx.should_stop)
+        group_in = run_blocks(
+            blocks_before[:lo], calib_inputs.hidden, calib_inputs.kwargs, d.batch_size, ctx.should_stop
+        )
         teacher = run_blocks(blocks_before[lo : hi + 1], group_in, calib_inputs.kwargs, d.batch_size, ctx.should_stop)
     snapshot = copy.deepcopy(blocks_before[lo : hi + 1])  # for rollback
     layer_types_before = copy.copy(getattr(work.config, "layer_types", None))

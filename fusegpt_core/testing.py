@@ -35,33 +35,66 @@ def tiny_config(family: str = "llama", num_layers: int = 6, hidden: int = 32, vo
     common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "llama":
         return transformers.LlamaConfig(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
         )
     if family == "mistral":
         return transformers.MistralConfig(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
         )
     if family == "qwen2":
         return transformers.Qwen2Config(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
         )
     if family == "gpt2":
         return transformers.GPT2Config(
-            n_embd=hidden, n_layer=num_layers, n_head=4, n_positions=512, resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0, **common,
+            n_embd=hidden,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
         )
     if family == "opt":
         return transformers.OPTConfig(
-            hidden_size=hidden, ffn_dim=hidden * 2, num_hidden_layers=num_layers, num_attention_heads=4,
-            word_embed_proj_dim=hidden, max_position_embeddings=512, dropout=0.0, **common,
+            hidden_size=hidden,
+            ffn_dim=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=512,
+            dropout=0.0,
+            **common,
         )
     if family == "phi":
         return transformers.PhiConfig(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers,
-            num_attention_heads=4, max_position_embeddings=512, resid_pdrop=0.0, embd_pdrop=0.0, **common,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            **common,
         )
     raise ValueError(f"unknown family {family}")
 

@@ -1,0 +1,282 @@
+"""Command line: `python -m fusegpt_core importance|fuse|evaluate ...`.
+
+User mistakes end with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import FuseGPTError
+
+SOURCE_PREFIXES = ("bundled", "pydoc", "hf:", "text:", "file:")
+
+
+def text_source(value: str | None, default: str = "bundled") -> str:
+    """A CLI text argument -> a data source string: known prefixes pass, anything else is a file."""
+    if value is None:
+        return default
+    if value.startswith(SOURCE_PREFIXES):
+        return value
+    return f"file:{value}"
+
+
+def _parse_set(items: list[str]) -> dict[str, object]:
+    """--set key=value (dotted keys, JSON values where they parse, else strings)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise FuseGPTError(f"--set expects key=value, got '{item}'.")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+class _Progress:
+    """Turns pipeline events into stage lines and tqdm bars on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+        self.key = None
+
+    def __call__(self, event) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if event.kind == "stage":
+            self._close()
+            print(f"[{event.stage}] {event.message}", file=sys.stderr, flush=True)
+        elif event.kind in ("progress", "loss") and event.total:
+            key = (event.stage, event.total, event.data.get("round"))
+            if key != self.key:
+                self._close()
+                self.bar = tqdm(total=event.total, desc=event.stage, file=sys.stderr, leave=False)
+                self.key = key
+            self.bar.n = event.step
+            if event.kind == "loss":
+                self.bar.set_postfix(loss=f"{event.data['loss']:.4g}", refresh=False)
+            self.bar.refresh()
+        elif event.kind in ("round", "log"):
+            self._close()
+            print(f"  {event.message}", file=sys.stderr, flush=True)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.key = None, None
+
+
+def cmd_importance(args) -> int:
+    from .adapters import num_blocks
+    from .data import load_texts, token_windows
+    from .importance import METRICS, block_forward_count, score_blocks
+    from .loading import load_model
+
+    metrics = list(METRICS) if args.metric == "all" else args.metric.split(",")
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise FuseGPTError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)} or 'all'.")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    source = text_source(args.eval_text)
+    # scoring text: the calibration part of a built-in corpus, or the whole user text
+    if source in ("bundled", "pydoc") or source.startswith("hf:"):
+        text, _ = load_texts(source, source, seed=args.seed)
+    else:
+        text, _ = load_texts(source, "pydoc", seed=args.seed)
+    windows = token_windows(loaded.tokenizer, text, args.seq_len, args.windows, seed=args.seed)
+    progress = _Progress(args.quiet)
+    from .pipeline import Event
+
+    start = time.perf_counter()
+    scores = score_blocks(
+        loaded.model,
+        windows,
+        metrics=metrics,
+        use_cache=not args.no_cache,
+        batch_size=args.batch_size,
+        on_progress=lambda s, t: progress(Event("progress", "score", step=s, total=t)),
+    )
+    seconds = time.perf_counter() - start
+    progress._close()
+    n = num_blocks(loaded.model)
+    result = {
+        "metric": metrics[0],
+        "scores": scores[metrics[0]],
+        "metrics": scores,
+        "model": args.model,
+        "num_blocks": n,
+        "use_prefix_cache": not args.no_cache,
+        "block_forwards_per_batch": block_forward_count(n, not args.no_cache),
+        "windows": int(windows.shape[0]),
+        "seq_len": args.seq_len,
+        "text": source,
+        "seconds": round(seconds, 3),
+        "ranking": sorted(range(n), key=lambda i: scores[metrics[0]][i]),
+    }
+    if args.json:
+        from .export import write_json
+
+        write_json(Path(args.json), result)
+    else:
+        print(json.dumps(result, indent=2))
+    print(f"scored {n} blocks in {seconds:.1f}s; least important first: {result['ranking'][:8]}", file=sys.stderr)
+    return 0
+
+
+def build_recipe(args):
+    from .config import Recipe, preset
+
+    overrides = _parse_set(args.set)
+    if args.recipe:
+        recipe = Recipe.from_file(args.recipe)
+        d = recipe.to_dict()
+        from .config import _set_dotted
+
+        for k, v in overrides.items():
+            _set_dotted(d, k, v)
+        recipe = Recipe.from_dict(d)
+    else:
+        recipe = preset(args.preset, **overrides)
+    # explicit flags win over the recipe/preset
+    if args.model is not None:
+        recipe.model = args.model
+    if args.remove is not None:
+        recipe.remove = args.remove
+    if args.blocks is not None:
+        try:
+            recipe.blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
+        except ValueError:
+            raise FuseGPTError(f"--blocks expects comma-separated block numbers, got '{args.blocks}'.") from None
+    if args.method is not None:
+        recipe.method = args.method
+    if args.calib_text is not None:
+        recipe.data.calib_source = text_source(args.calib_text)
+    if args.eval_text is not None:
+        recipe.data.eval_source = text_source(args.eval_text)
+    if args.device is not None:
+        recipe.device = args.device
+    if args.dtype is not None:
+        recipe.dtype = args.dtype
+    if args.seed is not None:
+        recipe.data.seed = args.seed
+    return recipe.validate()
+
+
+def cmd_fuse(args) -> int:
+    from .export import ExportError, export_model, write_json
+    from .loading import load_model
+    from .pipeline import run
+
+    out = Path(args.out)
+    if (out / "model").exists() and not args.overwrite:
+        raise ExportError(f"'{out / 'model'}' already exists: choose another --out or pass --overwrite.")
+    recipe = build_recipe(args)
+    progress = _Progress(args.quiet)
+    loaded = load_model(
+        recipe.model, device=recipe.device, dtype=recipe.dtype, trust_remote_code=args.trust_remote_code
+    )
+    result = run(recipe, loaded, on_event=progress)
+    progress._close()
+    t0 = time.perf_counter()
+    export_model(result.model, result.tokenizer, out / "model", result.report, overwrite=args.overwrite)
+    result.report["seconds"]["export"] = round(time.perf_counter() - t0, 2)
+    result.report["seconds"]["load"] = round(loaded.load_seconds, 2)
+    write_json(out / "report.json", result.report)
+    write_json(out / "model" / "report.json", result.report)
+    r = result.report
+    print(
+        f"{r['method']}: removed {r['removed_blocks']} ({r['num_layers_before']} -> {r['num_layers_after']} blocks); "
+        f"ppl dense {r['dense_ppl']:.3f}, dropped {r['dropped_ppl']:.3f}, {r['method']} {r['result_ppl']:.3f}; "
+        f"{r['seconds']['total']:.0f}s. Wrote {out / 'report.json'} and {out / 'model'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import load_texts, token_windows
+    from .evaluate import perplexity
+    from .loading import load_model
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    source = text_source(args.eval_text)
+    _, text = load_texts(source, source, seed=args.seed)
+    windows = token_windows(loaded.tokenizer, text, args.seq_len, None, seed=args.seed)[: args.windows]
+    ppl = perplexity(loaded.model, windows, args.batch_size)
+    print(json.dumps({"model": args.model, "ppl": ppl, "tokens": int(windows.numel()), "text": source}))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default: auto)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or auto (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repo (off by default)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def parser() -> argparse.ArgumentParser:
+    from .config import METHODS, PRESETS
+
+    ap = argparse.ArgumentParser(prog="python -m fusegpt_core", description="FuseGPT block fusion for HF models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("importance", help="score every block (MI, BI, angular, ppl)")
+    p.add_argument("--model", default="bundled", help="'bundled', a folder, a .gguf file or a hub id")
+    p.add_argument("--metric", default="mi", help="mi, bi, angular, ppl, a comma list, or 'all'")
+    p.add_argument("--eval-text", default=None, help="text file (or bundled / pydoc / hf:NAME) to score on")
+    p.add_argument("--json", default=None, help="write the result here (else print it)")
+    p.add_argument("--no-cache", action="store_true", help="reference computation without prefix caching")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=cmd_importance)
+
+    p = sub.add_parser("fuse", help="remove blocks by fusion (or a baseline) and export the result")
+    p.add_argument("--model", default=None, help="'bundled' (default), a folder, a .gguf file or a hub id")
+    p.add_argument("--remove", type=int, default=None, help="how many blocks to remove")
+    p.add_argument("--blocks", default=None, help="comma-separated blocks to remove (original indices)")
+    p.add_argument("--method", choices=METHODS, default=None)
+    p.add_argument("--preset", choices=PRESETS, default="cpu-demo")
+    p.add_argument("--recipe", default=None, help="JSON/YAML recipe (or a report.json) to reproduce a run")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. distill.epochs=4")
+    p.add_argument("--calib-text", default=None)
+    p.add_argument("--eval-text", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", required=True, help="output folder: report.json and model/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    _common(p)
+    p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("evaluate", help="perplexity of a model on the evaluation text")
+    p.add_argument("--model", default="bundled")
+    p.add_argument("--eval-text", default=None)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FuseGPTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped: nothing was written.", file=sys.stderr)
+        return 130

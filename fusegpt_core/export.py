@@ -1,0 +1,170 @@
+"""Export a compressed model as a stock Hugging Face folder, with its recipe, report and card.
+
+Writes go to a hidden temporary folder beside the destination and are renamed into place only
+when complete, so a crash, a full disk or a kill never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import FuseGPTError
+from .fused_linear import FusedLinear, fold_fused_linears
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class ExportError(FuseGPTError):
+    """The export folder exists, the name is unsafe, or the disk is full."""
+
+
+def safe_export_dir(base_dir: str | Path, name: str) -> Path:
+    """base_dir / name, refusing names that could escape base_dir (/, .., hidden, odd characters)."""
+    name = (name or "").strip()
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise ExportError(
+            f"export name {name!r} is not allowed: use letters, digits, '.', '_' and '-' only (no '/' or '..')."
+        )
+    base = Path(base_dir).resolve()
+    target = (base / name).resolve()
+    if target.parent != base:
+        raise ExportError(f"export name {name!r} would leave the export folder.")
+    return target
+
+
+def _json_default(value: Any):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write (temp file in the same folder + os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=_json_default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_card(report: dict[str, Any]) -> str:
+    recipe = report.get("recipe", {})
+    removed = report.get("removed_blocks", [])
+
+    def fmt(x):
+        return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
+
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [fusegpt, block-pruning, compressed]",
+        "---",
+        f"# {report.get('model', 'model')} compressed with FuseGPT Studio ({report.get('method', 'fusegpt')})",
+        "",
+        f"{report.get('num_layers_before')} -> {report.get('num_layers_after')} blocks; removed (original indices): "
+        f"{removed}. A plain transformers model: load it with `AutoModelForCausalLM.from_pretrained`.",
+        "",
+        "| | perplexity |",
+        "|---|---|",
+        f"| original | {fmt(report.get('dense_ppl'))} |",
+        f"| blocks dropped | {fmt(report.get('dropped_ppl'))} |",
+        f"| {report.get('method', 'fusegpt')} | {fmt(report.get('result_ppl'))} |",
+        "",
+        f"Evaluated on {report.get('eval_tokens')} tokens of `{recipe.get('data', {}).get('eval_source')}`"
+        f" ({recipe.get('data', {}).get('seq_len')}-token windows).",
+        "",
+        "Reproduce with `python -m fusegpt_core fuse --recipe recipe.json --out DIR`.",
+        "",
+        "Method: FuseGPT (arXiv 2411.14507): the least important blocks by Macro Influence are fused into"
+        " their neighbours through learnable low-rank coefficients, then each group is fine-tuned to"
+        " match its original output.",
+    ]
+    if report.get("partial"):
+        lines += ["", f"**Partial result** (status: {report.get('status')})."]
+    return "\n".join(lines) + "\n"
+
+
+def export_model(
+    model: nn.Module,
+    tokenizer,
+    out_dir: str | Path,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a stock HF folder: safetensors weights, config, tokenizer, report.json, recipe.json,
+    README.md. Fused layers are folded first (on the given model, which becomes plain)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"'{out_dir}' already exists: choose another name or allow overwriting.")
+    if any(isinstance(m, FusedLinear) for m in model.modules()):
+        fold_fused_linears(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        config = model.config
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config  # weights are plain tensors now
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            write_json(tmp / "report.json", report)
+            write_json(tmp / "recipe.json", report.get("recipe", {}))
+            (tmp / "README.md").write_text(model_card(report), encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if getattr(e, "errno", None) == 28 else str(e)
+        raise ExportError(f"could not write the export to '{out_dir}': {reason}. Nothing was left behind.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def zip_folder(folder: str | Path, zip_path: str | Path | None = None) -> Path:
+    """Zip a folder (for download); the archive is written atomically beside it by default."""
+    folder = Path(folder)
+    target = Path(zip_path) if zip_path else folder.with_suffix(".zip")
+    tmp_base = target.parent / f".{target.stem}.partial"
+    try:
+        made = shutil.make_archive(str(tmp_base), "zip", root_dir=folder)
+        os.replace(made, target)
+    except OSError as e:
+        Path(f"{tmp_base}.zip").unlink(missing_ok=True)
+        raise ExportError(f"could not write '{target}': {e}") from None
+    return target
+
+
+def push_to_hub(folder: str | Path, repo_id: str, token: str, private: bool = True) -> str:
+    """Upload an exported folder. The token is used for this call only: never stored or logged."""
+    if not token or not repo_id:
+        raise ExportError("pushing to the Hub needs a repository id and a write token.")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    except Exception as e:  # network or permission problem: one line, with the token scrubbed
+        message = str(e).replace(token, "***")
+        raise ExportError(
+            f"push to '{repo_id}' failed: {message.splitlines()[0] if message else type(e).__name__}"
+        ) from None
+    return f"https://huggingface.co/{repo_id}"

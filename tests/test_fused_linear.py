@@ -1,0 +1,84 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fusegpt_core.fused_linear import FusedLinear, fold_fused_linears
+
+
+def _linear(conv1d: bool, seed: int, bias: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    if conv1d:
+        layer = Conv1D(12, 8)  # nf=out, nx=in; weight (in, out)
+        layer.weight.data.normal_()
+        layer.bias.data.normal_()
+        return layer
+    layer = nn.Linear(8, 12, bias=bias)
+    if bias:
+        layer.bias.data.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fresh_fusion_changes_nothing(conv1d):
+    base, donor = _linear(conv1d, 0), _linear(conv1d, 1)
+    x = torch.randn(3, 5, 8)
+    expected = base(x)
+    fused = FusedLinear(copy.deepcopy(base), lora_rank=4, conv1d=conv1d)
+    fused.absorb(donor, coef_rank=4)
+    assert torch.equal(fused.delta_weight(), torch.zeros_like(fused.delta_weight()))
+    torch.testing.assert_close(fused(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_effective_weight_formula_and_merge(conv1d):
+    base, donor, donor2 = _linear(conv1d, 0), _linear(conv1d, 1), _linear(conv1d, 2)
+    fused = FusedLinear(copy.deepcopy(base), lora_rank=3, conv1d=conv1d)
+    fused.absorb(donor, coef_rank=4)
+    fused.absorb(donor2, coef_rank=2)
+    coefs, lora = fused.trainable_parameters()
+    with torch.no_grad():
+        for p in coefs + lora:
+            p.add_(torch.randn_like(p) * 0.1)
+    # W_eff = W + B A + sum_k (C_k D_k) * W_k, computed by hand
+    w = base.weight + fused.lora_B @ fused.lora_A
+    w = w + (fused.coef_C[0] @ fused.coef_D[0]) * donor.weight + (fused.coef_C[1] @ fused.coef_D[1]) * donor2.weight
+    b = base.bias + fused.bias_coef[0] * donor.bias + fused.bias_coef[1] * donor2.bias
+    torch.testing.assert_close(fused.effective_weight(), w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.effective_bias(), b, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 4, 8)
+    before = fused(x)
+    holder = nn.Sequential(fused)
+    assert fold_fused_linears(holder) == 1
+    assert type(holder[0]) is type(base)
+    torch.testing.assert_close(holder[0](x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_absorbing_a_fused_layer_uses_its_effective_weight():
+    inner = FusedLinear(_linear(False, 3), lora_rank=2)
+    inner.absorb(_linear(False, 4), coef_rank=2)
+    with torch.no_grad():
+        inner.coef_C[0].normal_()
+    outer = FusedLinear(_linear(False, 5), lora_rank=0)
+    outer.absorb(inner, coef_rank=2)
+    torch.testing.assert_close(outer.absorbed_weight_0, inner.effective_weight().detach())
+
+
+def test_only_coefficients_and_lora_train():
+    fused = FusedLinear(_linear(False, 0), lora_rank=2)
+    fused.absorb(_linear(False, 1), coef_rank=2)
+    coefs, lora = fused.trainable_parameters()
+    assert not fused.base_layer.weight.requires_grad
+    assert len(coefs) == 3 and len(lora) == 2  # C, D, bias coefficient; LoRA A, B
+    assert not any(p.requires_grad for p in fused.parameters())  # frozen until a round trains it
+    names = {n for n, _ in fused.named_buffers()}
+    assert "absorbed_weight_0" in names  # frozen, not a parameter
+    assert "absorbed_weight_0" not in {n for n, _ in fused.named_parameters()}
+
+
+def test_shape_mismatch_is_refused():
+    fused = FusedLinear(nn.Linear(8, 12))
+    with pytest.raises(ValueError):
+        fused.absorb(nn.Linear(8, 10), coef_rank=2)

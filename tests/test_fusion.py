@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from fusegpt_core.adapters import get_blocks, remove_blocks
+from fusegpt_core.errors import PlanError
+from fusegpt_core.evaluate import drop_blocks
+from fusegpt_core.fused_linear import FusedLinear
+from fusegpt_core.fusion import group_trainable, inject, plan_group
+from fusegpt_core.testing import FAMILIES, tiny_model
+
+
+def test_reference_window():
+    assert plan_group(10, 30) == [6, 7, 8, 9, 11, 12, 13]  # [p-4 .. p+3]
+    assert plan_group(0, 30) == [1, 2, 3, 4, 5, 6, 7]  # shifted inward, still 8 wide
+    assert plan_group(29, 30) == [22, 23, 24, 25, 26, 27, 28]
+    assert plan_group(2, 5) == [0, 1, 3, 4]  # a model smaller than the group: all other blocks
+    assert plan_group(1, 6, group_size=3) == [0, 2]
+
+
+@pytest.mark.parametrize("bad", [-1, 30])
+def test_window_rejects_missing_block(bad):
+    with pytest.raises(PlanError, match="does not exist"):
+        plan_group(bad, 30)
+
+
+def test_injection_rejects_bad_targets():
+    model = tiny_model("llama", 4)
+    with pytest.raises(PlanError, match="itself"):
+        inject(model, 1, [1, 2], coef_rank=2, lora_rank=0)
+    with pytest.raises(PlanError, match="outside"):
+        inject(model, 1, [7], coef_rank=2, lora_rank=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fresh_fused_group_equals_plain_removal(family, windows):
+    """C and B start at zero: right after injection and deletion the model is 'block p dropped'."""
+    model = tiny_model(family, num_layers=6)
+    dropped = drop_blocks(model, [2])
+    inject(model, 2, plan_group(2, 6, 4), coef_rank=4, lora_rank=2)
+    remove_blocks(model, [2])
+    assert any(isinstance(m, FusedLinear) for m in model.modules())
+    w = windows[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(w).logits, dropped(w).logits, rtol=0, atol=1e-5)
+
+
+def test_trainable_set_is_coefficients_lora_and_norms():
+    model = tiny_model("llama", 6)
+    inject(model, 3, [1, 2, 4], coef_rank=2, lora_rank=2)
+    remove_blocks(model, [3])
+    coefs, others = group_trainable(model, [1, 2, 3])
+    n_linears = 7 * 3
+    assert len(coefs) == 2 * n_linears  # C and D (Llama has no biases)
+    assert len(others) == 2 * n_linears + 2 * 3  # LoRA A, B + two norms per block
+    trainable = {id(p) for p in coefs + others}
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in trainable]
+    assert frozen == []
+
+
+def test_removal_renumbers_layers_and_generation_with_cache_works(tokenizer):
+    model = tiny_model("qwen2", 6)  # qwen2 also carries per-layer `layer_types`
+    remove_blocks(model, [1, 4])
+    blocks = get_blocks(model)
+    assert [b.self_attn.layer_idx for b in blocks] == [0, 1, 2, 3]
+    assert model.config.num_hidden_layers == 4
+    assert len(model.config.layer_types) == 4
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(input_ids=ids, use_cache=True, **kw)
+    without = model.generate(input_ids=ids, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)

@@ -1,0 +1,147 @@
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fusegpt_core.adapters import get_blocks
+from fusegpt_core.config import preset
+from fusegpt_core.errors import Cancelled, PlanError
+from fusegpt_core.evaluate import perplexity
+from fusegpt_core.export import ExportError, export_model, safe_export_dir
+from fusegpt_core.fused_linear import FusedLinear
+from fusegpt_core.pipeline import run
+from fusegpt_core.testing import tiny_loaded_model
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["fusegpt", "drop", "drop+lora", "average"])
+def test_methods_run_and_leave_the_original_untouched(method, windows):
+    loaded = tiny_loaded_model("llama", 6)
+    before = _state(loaded.model)
+    events = []
+    result = run(preset("tiny", method=method), loaded, on_event=events.append, windows=(windows[:8], windows[8:]))
+    r = result.report
+    assert _same(before, _state(loaded.model))
+    assert len(get_blocks(loaded.model)) == 6
+    assert r["num_layers_before"] == 6 and r["num_layers_after"] == 4
+    assert len(r["removed_blocks"]) == 2 and len(set(r["removed_blocks"])) == 2
+    assert all(math.isfinite(r[k]) for k in ("dense_ppl", "dropped_ppl", "fused_ppl"))
+    assert r["params_after"] < r["params_before"]
+    assert not any(isinstance(m, FusedLinear) for m in result.model.modules())  # folded
+    assert {"score", "evaluate"} <= set(r["seconds"])
+    assert r["recipe"]["method"] == method
+    if method == "drop":
+        assert r["fused_ppl"] == pytest.approx(r["dropped_ppl"])
+    if method in ("fusegpt", "drop+lora"):
+        assert any(e.kind == "loss" for e in events)
+        for rnd in r["rounds"]:
+            assert rnd["loss_after"] < rnd["loss_before"]  # the group learned something
+    # the iterative MI trajectory: one row per round, removed blocks blank
+    assert len(r["trajectory"]) == 2
+    assert r["trajectory"][1][r["removed_blocks"][0]] is None
+
+
+def test_fusion_beats_dropping_on_its_calibration_data(windows):
+    loaded = tiny_loaded_model("llama", 6)
+    recipe = preset("tiny", method="fusegpt", blocks=[2], **{"distill.epochs": 6})
+    r = run(recipe, loaded, windows=(windows[:8], windows[:8])).report
+    assert r["fused_ppl"] < r["dropped_ppl"]
+
+
+def test_manual_blocks_and_targets(windows):
+    loaded = tiny_loaded_model("llama", 6)
+    recipe = preset("tiny", blocks=[4, 1], **{"fusion.targets": {"4": [3, 5], "1": [0]}})
+    r = run(recipe, loaded, windows=(windows[:8], windows[8:])).report
+    assert r["removed_blocks"] == [4, 1]
+    assert r["rounds"][0]["targets"] == [3, 5] and r["rounds"][1]["targets"] == [0]
+    assert r["trajectory"] == []  # nothing was scored: the user chose
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"blocks": [1, 1]}, "more than once"),
+        ({"blocks": [9]}, "does not exist"),
+        ({"remove": 6}, "at least one block must remain"),
+        ({"blocks": [2], "fusion.targets": {"2": [2]}}, "itself"),
+        ({"distill.lr_coef": float("nan")}, "lr_coef"),
+        ({"fusion.coef_rank": -1}, "coef_rank"),
+        ({"distill.epochs": 0}, "epochs"),
+    ],
+)
+def test_impossible_plans_are_refused_before_any_work(overrides, message, windows):
+    loaded = tiny_loaded_model("llama", 6)
+    before = _state(loaded.model)
+    with pytest.raises(PlanError, match=message):
+        run(preset("tiny", **overrides), loaded, windows=(windows[:8], windows[8:]))
+    assert _same(before, _state(loaded.model))
+
+
+@pytest.mark.parametrize("stop_at", ["score", "finetune", "evaluate"])
+def test_cancel_at_any_stage_leaves_the_original_usable(stop_at, windows):
+    loaded = tiny_loaded_model("llama", 6)
+    before = _state(loaded.model)
+    ppl_before = perplexity(loaded.model, windows[8:])
+    seen = {"stop": False, "evaluate_count": 0}
+
+    def on_event(e):
+        if e.kind == "stage" and e.stage == "evaluate":
+            seen["evaluate_count"] += 1
+        if e.kind == "stage" and e.stage == stop_at and (stop_at != "evaluate" or seen["evaluate_count"] == 2):
+            seen["stop"] = True
+
+    with pytest.raises(Cancelled):
+        run(
+            preset("tiny"),
+            loaded,
+            on_event=on_event,
+            should_stop=lambda: seen["stop"],
+            windows=(windows[:8], windows[8:]),
+        )
+    assert _same(before, _state(loaded.model))
+    assert perplexity(loaded.model, windows[8:]) == ppl_before
+
+
+def test_divergence_rolls_the_round_back(windows):
+    loaded = tiny_loaded_model("llama", 6)
+    # a learning rate this large makes the loss explode within a few steps
+    recipe = preset("tiny", blocks=[3, 1], **{"distill.lr_coef": 9.0, "distill.grad_clip": 0, "distill.epochs": 4})
+    result = run(recipe, loaded, windows=(windows[:8], windows[8:]))
+    r = result.report
+    assert r["status"] == "diverged" and r["partial"]
+    assert "error" in r["rounds"][-1]
+    # the model is the pre-round state: every removed block is accounted for, the result works
+    assert r["num_layers_after"] == 6 - len(r["removed_blocks"])
+    assert math.isfinite(r["fused_ppl"])
+
+
+def test_export_reload_same_perplexity(tmp_path, windows):
+    loaded = tiny_loaded_model("qwen2", 6)  # biases fused too
+    result = run(preset("tiny"), loaded, windows=(windows[:8], windows[8:]))
+    folder = export_model(result.model, result.tokenizer, tmp_path / "out", result.report)
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert reloaded.config.num_hidden_layers == 4
+    ppl = perplexity(reloaded, windows[8:])
+    assert ppl == pytest.approx(result.report["fused_ppl"], rel=1e-5)
+    assert (folder / "model.safetensors").exists() and (folder / "recipe.json").exists()
+    assert "FuseGPT" in (folder / "README.md").read_text()
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(result.model, result.tokenizer, folder, result.report)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "x" * 200, "/abs"])
+def test_export_names_cannot_escape(tmp_path, name):
+    with pytest.raises(ExportError):
+        safe_export_dir(tmp_path, name)
+
+
+def test_export_name_ok(tmp_path):
+    assert safe_export_dir(tmp_path, "smol-fused_1.0") == (tmp_path / "smol-fused_1.0").resolve()
