@@ -28,7 +28,7 @@ def _weight_and_bias(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
 class FusedLinear(nn.Module):
     """Wraps `base_layer` (kept as is, frozen); trainable parts are fp32 parameters."""
 
-    def __init__(self, base_layer: nn.Module, lora_rank: int = 0, conv1d: bool = False):
+    def __init__(self, base_layer: nn.Module, lora_rank: int = 0, conv1d: bool = False, generator=None):
         super().__init__()
         self.base_layer = base_layer
         self.conv1d = conv1d
@@ -39,9 +39,11 @@ class FusedLinear(nn.Module):
         self.lora_rank = lora_rank
         if lora_rank > 0:
             # B starts at zero so the LoRA adds nothing until trained
-            self.lora_A = nn.Parameter(torch.empty(lora_rank, cols, device=device))
+            # kaiming_uniform_(a=sqrt 5) on A: bound 1/sqrt(fan_in), from our generator for determinism
+            bound = 1.0 / math.sqrt(cols)
+            a = torch.empty(lora_rank, cols, device=device).uniform_(-bound, bound, generator=generator)
+            self.lora_A = nn.Parameter(a)
             self.lora_B = nn.Parameter(torch.zeros(rows, lora_rank, device=device))
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.lora_A.requires_grad_(False)  # frozen until a round trains this group
             self.lora_B.requires_grad_(False)
         self.coef_C = nn.ParameterList()  # each (rows, r), zero-initialised

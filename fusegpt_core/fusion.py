@@ -69,7 +69,7 @@ def inject(
         for name in adapter.linears:
             layer = get_module(block, name)
             if not isinstance(layer, FusedLinear):
-                layer = FusedLinear(layer, lora_rank=lora_rank, conv1d=adapter.conv1d)
+                layer = FusedLinear(layer, lora_rank=lora_rank, conv1d=adapter.conv1d, generator=generator)
                 set_module(block, name, layer)
             layer.absorb(donor[name], coef_rank=coef_rank, fuse_bias=fuse_bias, generator=generator)
             touched.append(layer)

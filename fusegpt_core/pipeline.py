@@ -102,6 +102,7 @@ def run(
     (calibration, evaluation) token windows to use instead of recipe.data's text sources.
     """
     recipe.validate()
+    torch.manual_seed(recipe.data.seed)  # anything not drawn from our own generators
     ctx = _Context(on_event, should_stop)
     if loaded is None:
         from .loading import load_model

