@@ -146,8 +146,15 @@ def build_recipe(args):
         recipe = Recipe.from_dict(d)
     else:
         recipe = preset(args.preset, **overrides)
-    # explicit flags win over the recipe/preset
+    # explicit flags win over the recipe/preset, except that a recipe belongs to its model
     if args.model is not None:
+        if args.recipe and recipe.model != args.model:
+            from .errors import RecipeError
+
+            raise RecipeError(
+                f"the recipe was made for model '{recipe.model}', not '{args.model}': its block choices would not "
+                "carry over. Drop --model to reproduce it, or start from a preset for the other model."
+            )
         recipe.model = args.model
     if args.remove is not None:
         recipe.remove = args.remove

@@ -79,7 +79,7 @@ def finetune(
     groups = [{"params": coef_params, "lr": lr_coef}]
     if other_params:
         groups.append({"params": other_params, "lr": lr_other})
-    optimizer = torch.optim.Adam(groups, betas=betas)
+    optimizer = torch.optim.Adam(groups, betas=betas, foreach=True)
     n = inputs.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch

@@ -28,6 +28,9 @@ from .fusion import check_targets, group_span, group_trainable, inject, plan_gro
 from .importance import lowest, score_blocks
 
 
+LOSS_PROBE_WINDOWS = 8  # calibration windows used for a round's loss before/after figures
+
+
 @dataclass
 class Event:
     kind: str
@@ -296,7 +299,9 @@ def _train_round(
             others = baselines.norm_parameters(work, new_targets)
             lr_first = d.lr_lora
         student = list(get_blocks(work))[lo:hi]
-        info["loss_before"] = group_loss(student, group_in, teacher, calib_inputs.kwargs, d.loss, d.batch_size)
+        # before/after figures on a fixed slice of the calibration windows (cheap, comparable)
+        probe_in, probe_out = group_in[:LOSS_PROBE_WINDOWS], teacher[:LOSS_PROBE_WINDOWS]
+        info["loss_before"] = group_loss(student, probe_in, probe_out, calib_inputs.kwargs, d.loss, d.batch_size)
         ctx.stage("finetune", f"round {r + 1}/{count}: fine-tuning the group of block {info['removed']}")
         result = finetune(
             student,
@@ -321,7 +326,7 @@ def _train_round(
         )
         if recipe.method == "drop+lora":
             baselines.merge_lora(work)
-        info["loss_after"] = group_loss(student, group_in, teacher, calib_inputs.kwargs, d.loss, d.batch_size)
+        info["loss_after"] = group_loss(student, probe_in, probe_out, calib_inputs.kwargs, d.loss, d.batch_size)
         info["loss_first"] = result.losses[0] if result.losses else None
         info["loss_last"] = result.losses[-1] if result.losses else None
         info["losses"] = result.losses

@@ -1,0 +1,57 @@
+"""Tuning aid: one fusion round on one block of the bundled model, several settings.
+
+    python benchmarks/sweep_round.py --block 17 --config 'distill.lr_coef=0.01' --config '...'
+
+Each --config is a comma list of key=json overrides on the cpu-demo preset. Prints dense,
+dropped and fused perplexity (held-out bundled text) and the round's loss before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusegpt_core.config import preset  # noqa: E402
+from fusegpt_core.loading import load_model  # noqa: E402
+from fusegpt_core.pipeline import load_windows, run  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--block", type=int, action="append", default=None)
+    ap.add_argument("--config", action="append", default=[""])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep_round.jsonl"))
+    args = ap.parse_args()
+    loaded = load_model("bundled")
+    blocks = args.block or [17]
+    windows = None
+    for spec in args.config:
+        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in spec.split(";") if s)}
+        recipe = preset("cpu-demo", blocks=blocks, **{"eval.measure_speed": False, **overrides})
+        if windows is None:
+            windows = load_windows(recipe, loaded.tokenizer)
+        t0 = time.perf_counter()
+        r = run(recipe, loaded, windows=windows).report
+        row = {
+            "config": overrides,
+            "blocks": blocks,
+            "dense": r["dense_ppl"],
+            "dropped": r["dropped_ppl"],
+            "fused": r["fused_ppl"],
+            "recovered": (r["dropped_ppl"] - r["fused_ppl"]) / (r["dropped_ppl"] - r["dense_ppl"]),
+            "loss": [(x.get("loss_before"), x.get("loss_after")) for x in r["rounds"]],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
