@@ -27,7 +27,6 @@ from .fused_linear import FusedLinear, fold_fused_linears
 from .fusion import check_targets, group_span, group_trainable, inject, plan_group
 from .importance import lowest, score_blocks
 
-
 LOSS_PROBE_WINDOWS = 8  # calibration windows used for a round's loss before/after figures
 
 

@@ -31,48 +31,28 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return fast
 
 
+_LLAMA_LIKE = {
+    "llama": transformers.LlamaConfig,
+    "mistral": transformers.MistralConfig,
+    "qwen2": transformers.Qwen2Config,
+}
+
+
 def tiny_config(family: str = "llama", num_layers: int = 6, hidden: int = 32, vocab: int = 259):
-    common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "llama":
-        return transformers.LlamaConfig(
+    common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    if family in _LLAMA_LIKE:
+        return _LLAMA_LIKE[family](
             hidden_size=hidden,
             intermediate_size=hidden * 2,
             num_hidden_layers=num_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
-    if family == "mistral":
-        return transformers.MistralConfig(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
-    if family == "qwen2":
-        return transformers.Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
             **common,
         )
     if family == "gpt2":
+        common["n_positions"] = common.pop("max_position_embeddings")
         return transformers.GPT2Config(
-            n_embd=hidden,
-            n_layer=num_layers,
-            n_head=4,
-            n_positions=512,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **common,
+            n_embd=hidden, n_layer=num_layers, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common
         )
     if family == "opt":
         return transformers.OPTConfig(
@@ -81,7 +61,6 @@ def tiny_config(family: str = "llama", num_layers: int = 6, hidden: int = 32, vo
             num_hidden_layers=num_layers,
             num_attention_heads=4,
             word_embed_proj_dim=hidden,
-            max_position_embeddings=512,
             dropout=0.0,
             **common,
         )
@@ -91,7 +70,6 @@ def tiny_config(family: str = "llama", num_layers: int = 6, hidden: int = 32, vo
             intermediate_size=hidden * 2,
             num_hidden_layers=num_layers,
             num_attention_heads=4,
-            max_position_embeddings=512,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             **common,

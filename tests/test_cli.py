@@ -71,13 +71,18 @@ def test_fuse_writes_report_and_loadable_model(tiny_dir, text_file, tmp_path):
         (["fuse", "--model", "{tiny}", "--blocks", "1,1", "--preset", "tiny", "--out", "{tmp}/x"], "more than once"),
         (["fuse", "--model", "{tiny}", "--blocks", "a,b", "--out", "{tmp}/x"], "--blocks"),
         (["fuse", "--model", "{tiny}", "--set", "distill.epochs=0", "--out", "{tmp}/x"], "distill.epochs"),
-        (["fuse", "--model", "{tiny}", "--preset", "tiny", "--calib-text", "{tmp}/none.txt", "--out", "{tmp}/x"], "error:"),
+        (
+            ["fuse", "--model", "{tiny}", "--preset", "tiny", "--calib-text", "{tmp}/none.txt", "--out", "{tmp}/x"],
+            "error:",
+        ),
         (["importance", "--model", "{tiny}", "--metric", "xyz"], "unknown metric"),
     ],
 )
 def test_user_mistakes_are_one_line_no_traceback(argv, message, tiny_dir, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{tiny}", str(tiny_dir)) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "fusegpt_core", *argv, "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusegpt_core", *argv, "--quiet"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr
