@@ -94,6 +94,9 @@ class Recipe:
     """'iterative' (re-score after each fusion, the paper), 'one-shot' (score once)."""
     metric: str = "mi"
     """Importance metric that chooses blocks: 'mi', 'bi', 'angular' or 'ppl'."""
+    candidates: int = 1
+    """Consider this many least important blocks and remove the one whose plain removal changes its
+    group's output least (relative error on calibration windows); 1 is the paper's argmin."""
     use_prefix_cache: bool = True
     """Reuse prefix hidden states when scoring (about half the block forwards, identical numbers)."""
     device: str | None = None
@@ -122,6 +125,7 @@ class Recipe:
             ("distill.batch_size", self.distill.batch_size),
             ("fusion.coef_rank", self.fusion.coef_rank),
             ("fusion.group_size", self.fusion.group_size),
+            ("candidates", self.candidates),
         ]:
             _check(isinstance(value, int) and value >= 1, name, value, "a whole number of at least 1")
         _check(

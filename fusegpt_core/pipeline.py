@@ -185,7 +185,8 @@ def _compress(
     batch = recipe.distill.batch_size
     trains = recipe.method in ("fusegpt", "drop+lora")
     generator = torch.Generator(device=next(work.parameters()).device).manual_seed(recipe.data.seed)
-    calib_inputs = capture_block_inputs(work, calib, batch) if trains else None
+    needs_inputs = trains or recipe.candidates > 1
+    calib_inputs = capture_block_inputs(work, calib, batch) if needs_inputs else None
     rounds: list[dict] = []
     trajectory: list[list[float | None]] = []
     removed: list[int] = []
@@ -216,6 +217,8 @@ def _compress(
             trajectory.append(by_original)
             ctx.emit("scores", f"{recipe.metric} scores", round=r, metric=recipe.metric, scores=by_original)
             p = lowest(scores)
+            if recipe.candidates > 1:
+                p = _most_absorbable(work, recipe, calib_inputs, scores, n_cur, ctx)
             if recipe.selection == "one-shot":
                 ranked = sorted(range(n_cur), key=lambda i: (scores[i], i))
                 one_shot_order = [original_index[i] for i in ranked[:count]]
@@ -256,6 +259,33 @@ def _compress(
         rounds.append(round_info)
         ctx.emit("round", f"removed block {p_orig}", r + 1, count, **round_info)
     return rounds, trajectory, removed, "done"
+
+
+@torch.no_grad()
+def removal_error(work: nn.Module, inputs: BlockInputs, p: int, targets: list[int], batch_size: int) -> float:
+    """Relative squared error of the group's output when block p is simply skipped:
+    ||student - teacher||^2 / ||teacher||^2 on the probe windows (comparable across depths)."""
+    lo, hi = group_span(p, targets)
+    blocks = list(get_blocks(work))
+    group_in = run_blocks(blocks[:lo], inputs.hidden[:LOSS_PROBE_WINDOWS], inputs.kwargs, batch_size)
+    teacher = run_blocks(blocks[lo : hi + 1], group_in, inputs.kwargs, batch_size)
+    student = run_blocks(
+        [b for i, b in enumerate(blocks[lo : hi + 1], lo) if i != p], group_in, inputs.kwargs, batch_size
+    )
+    return ((student.float() - teacher.float()).pow(2).sum() / teacher.float().pow(2).sum()).item()
+
+
+def _most_absorbable(
+    work: nn.Module, recipe: Recipe, inputs: BlockInputs, scores: list[float], n_cur: int, ctx: _Context
+) -> int:
+    """Among the `recipe.candidates` lowest-scoring blocks, the one whose removal its group feels least."""
+    ranked = sorted(range(n_cur), key=lambda i: (scores[i], i))[: recipe.candidates]
+    errors = {
+        c: removal_error(work, inputs, c, plan_group(c, n_cur, recipe.fusion.group_size), recipe.distill.batch_size)
+        for c in ranked
+    }
+    ctx.emit("log", "removal error of candidates: " + ", ".join(f"{c}: {e:.4f}" for c, e in errors.items()))
+    return min(ranked, key=lambda c: (errors[c], ranked.index(c)))
 
 
 def _train_round(

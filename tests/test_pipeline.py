@@ -145,3 +145,23 @@ def test_export_names_cannot_escape(tmp_path, name):
 
 def test_export_name_ok(tmp_path):
     assert safe_export_dir(tmp_path, "smol-fused_1.0") == (tmp_path / "smol-fused_1.0").resolve()
+
+
+def test_absorbability_aware_selection_picks_among_the_lowest(windows):
+    from fusegpt_core.adapters import get_blocks as blocks_of
+    from fusegpt_core.fusion import plan_group
+    from fusegpt_core.capture import capture_block_inputs
+    from fusegpt_core.importance import score_blocks
+    from fusegpt_core.pipeline import removal_error
+
+    loaded = tiny_loaded_model("llama", 6)
+    calib = windows[:8]
+    scores = score_blocks(loaded.model, calib[:2], ("mi",), batch_size=4)["mi"]
+    lowest3 = sorted(range(6), key=lambda i: scores[i])[:3]
+    inputs = capture_block_inputs(loaded.model, calib)
+    errors = {c: removal_error(loaded.model, inputs, c, plan_group(c, 6, 4), 4) for c in lowest3}
+    assert all(e > 0 for e in errors.values())
+    recipe = preset("tiny", remove=1, candidates=3, method="drop")
+    r = run(recipe, loaded, windows=(calib, windows[8:])).report
+    assert r["removed_blocks"][0] == min(lowest3, key=lambda c: errors[c])
+    assert len(blocks_of(loaded.model)) == 6
