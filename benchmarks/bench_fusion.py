@@ -62,6 +62,10 @@ def main() -> None:
         print(
             f"{method}: ppl {r['result_ppl']:.3f}, other genre {r['other_genre_ppl']:.3f}, {seconds:.0f}s", flush=True
         )
+        if r["status"] != "done":
+            print(f"  status {r['status']}: {r['rounds'][-1].get('error')}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).with_suffix(f".{method.replace('+', '_')}.json").write_text(json.dumps(r, indent=2))
 
     first = next(iter(reports.values()))
     dense_other = perplexity(loaded.model, other)

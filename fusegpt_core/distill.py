@@ -73,7 +73,8 @@ def finetune(
 
     inputs, targets: (n_windows, seq_len, hidden). A fresh Adam with two learning rates and a
     cosine decay over all steps of this round, as in the paper. Raises TrainingDiverged when the
-    loss is NaN/inf or grows past `divergence_factor` x its first value, Cancelled on stop.
+    loss is NaN/inf or, after the first epoch, grows past `divergence_factor` x the first epoch's
+    worst batch; Cancelled on stop.
     """
     loss_fn = LOSSES[loss]
     groups = [{"params": coef_params, "lr": lr_coef}]
@@ -102,12 +103,15 @@ def finetune(
                 value = loss_fn(h, targets[idx.to(targets.device)].to(h.device))
                 if not torch.isfinite(value):
                     raise TrainingDiverged(f"the fine-tuning loss became {value.item()} at step {step + 1}")
-                first = result.losses[0] if result.losses else None
-                if first is not None and first > 0 and value.item() > divergence_factor * first:
-                    raise TrainingDiverged(
-                        f"the fine-tuning loss exploded to {value.item():.4g} "
-                        f"({value.item() / first:.1f}x its first value) at step {step + 1}"
-                    )
+                # explosion: compared with the worst batch of the first epoch, when the model had
+                # barely moved (batches differ a lot in difficulty, so the first batch alone is no reference)
+                if step >= steps_per_epoch:
+                    reference = max(result.losses[:steps_per_epoch])
+                    if reference > 0 and value.item() > divergence_factor * reference:
+                        raise TrainingDiverged(
+                            f"the fine-tuning loss exploded to {value.item():.4g} "
+                            f"({value.item() / reference:.1f}x the first epoch's worst batch) at step {step + 1}"
+                        )
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 if grad_clip > 0:
