@@ -1,0 +1,1 @@
+"""FuseGPT Studio's web app: a Gradio interface over fusegpt_core."""

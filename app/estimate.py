@@ -1,0 +1,63 @@
+"""How long will a run take? Counts of block forwards times one measured block forward.
+
+A rough cost model, good to a factor of about two: it exists so that a visitor knows before
+pressing Run whether to expect seconds, minutes or hours on this hardware. No gradio, no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fusegpt_core.config import Recipe
+
+BACKWARD_FACTOR = 2.0  # a backward pass costs about twice a forward
+
+
+def mi_pass_forwards(n_blocks: int, use_cache: bool) -> int:
+    """Block forwards per window for one scoring pass (the core's count)."""
+    from fusegpt_core.importance import block_forward_count
+
+    return block_forward_count(n_blocks, use_cache)
+
+
+def estimate_run(recipe: Recipe, n_blocks: int, block_seconds: float, timed_seq_len: int) -> dict[str, Any]:
+    """Seconds per stage for `recipe` on a model with `n_blocks` blocks.
+
+    block_seconds: one block forward on ONE window of `timed_seq_len` tokens, measured on the
+    loaded model. Work scales linearly with tokens (attention's quadratic part is small at these
+    lengths)."""
+    per_window = block_seconds * recipe.data.seq_len / max(timed_seq_len, 1)
+    d = recipe.data
+    k = len(recipe.blocks) if recipe.blocks is not None else recipe.remove
+    k = max(min(k, n_blocks - 1), 0)
+    chooses = recipe.blocks is None
+    score = finetune = 0.0
+    for r in range(k):
+        n_cur = n_blocks - r
+        if chooses and (recipe.selection == "iterative" or r == 0):
+            # ppl also runs the LM head per skip; counted as one more block
+            extra = 1.0 if recipe.metric == "ppl" else 0.0
+            score += (mi_pass_forwards(n_cur, recipe.use_prefix_cache) + extra * n_cur) * d.n_score * per_window
+        if recipe.method in ("fusegpt", "drop+lora"):
+            g = min(recipe.fusion.group_size, n_cur)
+            prefix = max(n_cur - g, 0) / 2  # on average half the blocks sit before the group
+            teacher = (prefix + g) * d.n_calib
+            student = (g - 1) * (1 + BACKWARD_FACTOR) * d.n_calib * recipe.distill.epochs
+            finetune += (teacher + student + 2 * g * d.n_calib) * per_window
+    evaluate = (n_blocks + 2 * (n_blocks - k)) * d.n_eval * per_window * 1.2  # plus embeddings and the head
+    speed = 0.0
+    if recipe.eval.measure_speed:
+        # decode: one token through every block, 4 generations (warm-up + 3) per model, two models
+        per_token = block_seconds / max(timed_seq_len, 1) * 4  # single-token steps are inefficient
+        speed = 4 * recipe.eval.speed_tokens * (2 * n_blocks - k) * per_token + 1.0
+    stages = {"score": score, "fine-tune": finetune, "evaluate": evaluate, "speed": speed}
+    return {"stages": stages, "total": sum(stages.values()), "rounds": k}
+
+
+def estimate_text(estimate: dict[str, Any], device: str) -> str:
+    from .tables import fmt_seconds
+
+    parts = ", ".join(f"{name} {fmt_seconds(s)}" for name, s in estimate["stages"].items() if s >= 0.05)
+    return (
+        f"≈ **{fmt_seconds(estimate['total'])}** on this {device} ({estimate['rounds']} rounds: {parts or 'instant'})"
+    )

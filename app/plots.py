@@ -1,0 +1,337 @@
+"""Pure data -> plotly figure functions. No gradio, no torch: lists, dicts and DataFrames in."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+# Colours chosen to read on light and dark themes and for common colour-vision deficiencies.
+REMOVED = "#d62728"
+TARGET = "#1f77b4"
+KEPT = "#dfe3e8"
+EARLIER = "#8c8c8c"
+FONT = dict(size=12)
+
+DEFAULT_LABELS = {
+    "mi": "Macro Influence",
+    "bi": "Block Influence",
+    "angular": "Angular distance",
+    "ppl": "PPL increase",
+}
+
+
+def _layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)),
+        height=height,
+        margin=dict(l=60, r=20, t=50, b=45),
+        font=FONT,
+        paper_bgcolor="rgba(0,0,0,0)",
+        plot_bgcolor="rgba(0,0,0,0)",
+    )
+    return fig
+
+
+def empty_figure(message: str, height: int = 260) -> go.Figure:
+    """A blank figure that says why it is blank (nothing computed yet, no run, ...)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, "", height)
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def normalise(values: Sequence[float | None]) -> list[float | None]:
+    """Rank-normalise to [0, 1] over the finite entries (lowest 0, highest 1, ties share their mean
+    rank); None and NaN stay None. Ranks, not min-max: one extreme block (often block 0) would
+    otherwise paint every other block the same colour."""
+    finite = sorted((v, i) for i, v in enumerate(values) if _finite(v))
+    out: list[float | None] = [None for _ in values]
+    if not finite:
+        return out
+    n = len(finite)
+    start = 0
+    while start < n:
+        end = start
+        while end + 1 < n and finite[end + 1][0] == finite[start][0]:
+            end += 1
+        mean_rank = (start + end) / 2
+        for k in range(start, end + 1):
+            out[finite[k][1]] = 0.5 if n == 1 else mean_rank / (n - 1)
+        start = end + 1
+    return out
+
+
+def importance_heatmap(
+    scores: dict[str, Sequence[float | None]],
+    labels: dict[str, str] | None = None,
+    selected: Sequence[int] = (),
+    title: str = "Block importance (colour: rank within each metric, dark = least important)",
+) -> go.Figure:
+    """Metrics as rows, blocks as columns. Colour is the rank within each metric; hover shows raw values.
+
+    `selected` blocks (original indices) get a red frame: they are the current plan."""
+    if not scores:
+        return empty_figure("No importance scores yet")
+    labels = {**DEFAULT_LABELS, **(labels or {})}
+    keys = list(scores)
+    n = max(len(v) for v in scores.values())
+    z = [normalise(list(scores[k]) + [None] * (n - len(scores[k]))) for k in keys]
+    raw = [[v if _finite(v) else float("nan") for v in list(scores[k]) + [None] * (n - len(scores[k]))] for k in keys]
+    y = [labels.get(k, k) for k in keys]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n)),
+            y=y,
+            customdata=raw,
+            colorscale="Viridis",
+            zmin=0,
+            zmax=1,
+            xgap=1,
+            ygap=1,
+            colorbar=dict(title=dict(text="rank<br>in metric"), tickvals=[0, 1], ticktext=["low", "high"], len=0.9),
+            hovertemplate="block %{x}<br>%{y}: %{customdata:.4g}<br>rank %{z:.2f} (0 = least important)<extra></extra>",
+        )
+    )
+    for b in selected:
+        fig.add_shape(
+            type="rect",
+            x0=b - 0.5,
+            x1=b + 0.5,
+            y0=-0.5,
+            y1=len(keys) - 0.5,
+            line=dict(color=REMOVED, width=3),
+        )
+    fig.update_xaxes(title_text="block (original index)", dtick=1 if n <= 40 else 5)
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, height=170 + 38 * len(keys))
+
+
+def rank_agreement_heatmap(agreement: pd.DataFrame, labels: dict[str, str] | None = None) -> go.Figure:
+    """Spearman rank correlation between metrics, -1..1, with the value written in each cell."""
+    if agreement is None or agreement.empty:
+        return empty_figure("Rank agreement needs at least two metrics")
+    labels = {**DEFAULT_LABELS, **(labels or {})}
+    names = [labels.get(str(c), str(c)) for c in agreement.columns]
+    rows = [labels.get(str(i), str(i)) for i in agreement.index]
+    vals = agreement.to_numpy(dtype=float)
+    text = [[("" if math.isnan(v) else f"{v:.2f}") for v in row] for row in vals]
+    fig = go.Figure(
+        go.Heatmap(
+            z=vals,
+            x=names,
+            y=rows,
+            zmin=-1,
+            zmax=1,
+            colorscale="RdBu",
+            text=text,
+            texttemplate="%{text}",
+            hovertemplate="%{y} vs %{x}: Spearman %{z:.3f}<extra></extra>",
+            colorbar=dict(title=dict(text="Spearman")),
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Do the metrics agree? (Spearman rank correlation)", height=330)
+
+
+def trajectory_heatmap(
+    trajectory: Sequence[Sequence[float | None]],
+    removed: Sequence[int] = (),
+    title: str = "Iterative MI: how importance shifts after each removal",
+    empty_message: str = "The MI trajectory appears once a run has scored its first round",
+) -> go.Figure:
+    """Rows: fusion step (scores measured before that step's removal); columns: original blocks.
+
+    Blocks already removed are blank; the block chosen at each step is marked with an x."""
+    if not trajectory:
+        return empty_figure(empty_message)
+    n = max(len(r) for r in trajectory)
+    z, raw = [], []
+    for row in trajectory:
+        row = list(row) + [None] * (n - len(row))
+        z.append(normalise(row))
+        raw.append([v if _finite(v) else float("nan") for v in row])
+    steps = [f"step {i + 1}" for i in range(len(trajectory))]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(n)),
+            y=steps,
+            customdata=raw,
+            colorscale="Viridis",
+            zmin=0,
+            zmax=1,
+            xgap=1,
+            ygap=1,
+            colorbar=dict(title=dict(text="MI rank<br>in its step"), tickvals=[0, 1], ticktext=["low", "high"]),
+            hovertemplate="%{y}, block %{x}<br>MI %{customdata:.4g}<extra></extra>",
+        )
+    )
+    marks = [(steps[i], b) for i, b in enumerate(removed[: len(steps)])]
+    if marks:
+        fig.add_trace(
+            go.Scatter(
+                x=[b for _, b in marks],
+                y=[s for s, _ in marks],
+                mode="markers",
+                marker=dict(symbol="x", size=12, color=REMOVED, line=dict(width=1)),
+                name="removed at this step",
+                hovertemplate="%{y}: block %{x} removed<extra></extra>",
+            )
+        )
+    fig.update_layout(showlegend=bool(marks), legend=dict(orientation="h", y=-0.25))
+    fig.update_xaxes(title_text="block (original index)", dtick=1 if n <= 40 else 5)
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, height=170 + 30 * len(trajectory))
+
+
+def block_diagram(
+    num_blocks: int,
+    removed: Sequence[int],
+    groups: dict[int, Sequence[int]],
+    focus: int | None = None,
+    title: str = "Plan: which blocks go, and where their weights are fused",
+) -> go.Figure:
+    """One row per removal step (in order), one cell per original block.
+
+    Red: removed at this step; blue: its fusion targets; grey: removed at an earlier step.
+    The `focus` block's row is labelled in bold."""
+    if num_blocks <= 0:
+        return empty_figure("Load a model to see its blocks")
+    rows = list(removed) or [None]
+    z, text, hover = [], [], []
+    for step, r in enumerate(rows):
+        earlier = set(rows[:step]) if r is not None else set()
+        targets = set(groups.get(r, ())) if r is not None else set()
+        zr, tr, hr = [], [], []
+        for b in range(num_blocks):
+            if b == r:
+                zr.append(3), tr.append("✕"), hr.append("removed at this step")
+            elif b in earlier:
+                zr.append(1), tr.append(""), hr.append("already removed")
+            elif b in targets:
+                zr.append(2), tr.append("+"), hr.append(f"target: absorbs block {r}")
+            else:
+                zr.append(0), tr.append(""), hr.append("kept")
+        z.append(zr), text.append(tr), hover.append(hr)
+    labels = []
+    for r in rows:
+        if r is None:
+            labels.append("no block chosen")
+        else:
+            labels.append(f"<b>remove {r}</b>" if r == focus else f"remove {r}")
+    colorscale = [
+        [0.0, KEPT],
+        [0.249, KEPT],
+        [0.25, EARLIER],
+        [0.499, EARLIER],
+        [0.5, TARGET],
+        [0.749, TARGET],
+        [0.75, REMOVED],
+        [1.0, REMOVED],
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(num_blocks)),
+            y=labels,
+            zmin=-0.5,
+            zmax=3.5,
+            colorscale=colorscale,
+            showscale=False,
+            xgap=2,
+            ygap=2,
+            text=text,
+            texttemplate="%{text}",
+            customdata=hover,
+            hovertemplate="block %{x}: %{customdata}<extra></extra>",
+        )
+    )
+    for name, colour in [("removed", REMOVED), ("fusion target", TARGET), ("removed earlier", EARLIER)]:
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                marker=dict(size=12, color=colour, symbol="square"),
+                name=name,
+            )
+        )
+    fig.update_layout(showlegend=True, legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    fig.update_xaxes(title_text="block (original index)", dtick=1 if num_blocks <= 40 else 5, showgrid=False)
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    return _layout(fig, title, height=150 + 32 * len(rows))
+
+
+def loss_curves(series: dict[str, Sequence[tuple[int, float]]], title: str = "Group fine-tuning loss") -> go.Figure:
+    """One line per fusion group: (step, loss) pairs. Log scale when the losses span a decade."""
+    if not series or not any(series.values()):
+        return empty_figure("Loss curves appear when fine-tuning starts")
+    fig = go.Figure()
+    lo, hi = math.inf, -math.inf
+    for name, points in series.items():
+        pts = [(s, v) for s, v in points if _finite(v)]
+        if not pts:
+            continue
+        lo, hi = min(lo, min(v for _, v in pts)), max(hi, max(v for _, v in pts))
+        fig.add_trace(
+            go.Scatter(
+                x=[s for s, _ in pts],
+                y=[v for _, v in pts],
+                mode="lines+markers" if len(pts) < 30 else "lines",
+                name=name,
+                hovertemplate=f"{name}<br>step %{{x}}: loss %{{y:.4g}}<extra></extra>",
+            )
+        )
+    if lo > 0 and hi / lo > 10:
+        fig.update_yaxes(type="log")
+    fig.update_xaxes(title_text="optimiser step in the group")
+    fig.update_yaxes(title_text="loss")
+    fig.update_layout(legend=dict(orientation="h", y=-0.3))
+    return _layout(fig, title, height=340)
+
+
+def compare_chart(table: pd.DataFrame) -> go.Figure:
+    """Perplexity per model (bars, lower is better), parameters as text on each bar."""
+    if table is None or table.empty or "perplexity" not in table:
+        return empty_figure("Run a plan to compare models")
+    df = table[table["perplexity"].map(_finite)]
+    if df.empty:
+        return empty_figure("No perplexity measured yet")
+    colours = []
+    for name in df["model"]:
+        low = str(name).lower()
+        colours.append(KEPT if low.startswith("original") else EARLIER if low.startswith("dropped") else TARGET)
+    text = [
+        f"{p:.2f}" + (f"<br>{params / 1e6:.1f}M params" if _finite(params) else "")
+        for p, params in zip(df["perplexity"], df.get("params", [None] * len(df)))
+    ]
+    fig = go.Figure(
+        go.Bar(
+            x=df["model"],
+            y=df["perplexity"],
+            marker_color=colours,
+            marker_line=dict(color="#444", width=1),
+            text=text,
+            textposition="outside",
+            hovertemplate="%{x}<br>perplexity %{y:.3f}<extra></extra>",
+        )
+    )
+    top, bottom = float(df["perplexity"].max()), float(df["perplexity"].min())
+    if bottom > 0 and top / bottom > 20:  # one broken model must not hide the others
+        fig.update_yaxes(
+            title_text="perplexity, log scale (lower is better)",
+            type="log",
+            range=[math.log10(bottom) - 0.3, math.log10(top) + 0.4],
+        )
+    else:
+        fig.update_yaxes(title_text="perplexity (lower is better)", range=[0, top * 1.25])
+    return _layout(fig, "Perplexity on the evaluation text", height=360)

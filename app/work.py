@@ -1,0 +1,576 @@
+"""The bodies of the app's background jobs: each calls fusegpt_core and stores its result in the session.
+
+No gradio here. `make_*_job` functions check what can be checked at once (raising FuseGPTError
+for the UI to show) and return a closure for `JobRunner.submit`. The closures run on the job
+worker thread, report progress through the JobContext and write results into the Session,
+bumping the view versions that the UI's timer renders.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from fusegpt_core.config import Recipe
+from fusegpt_core.errors import DataError, ModelLoadError, PlanError
+
+from .estimate import estimate_run
+from .jobs import JobContext
+from .state import TEST_SOURCE, AppContext, RunRecord, Session
+
+log = logging.getLogger("fusegpt.app.work")
+
+Job = Callable[[JobContext], Any]
+TIMING_SEQ_LEN = 128
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+
+def _load_fn(app: AppContext, source: str, device: str | None, dtype: str | None, trust: bool):
+    if source == TEST_SOURCE:
+        if not app.test_model:
+            raise ModelLoadError("the test model is only offered when FUSEGPT_APP_TEST_MODEL is set.")
+
+        def load():
+            from fusegpt_core.testing import tiny_loaded_model
+
+            return tiny_loaded_model(family="llama", num_layers=6, seed=0)
+
+        return load
+
+    def load():
+        from fusegpt_core.loading import load_model
+
+        return load_model(source, device=device, dtype=dtype, trust_remote_code=trust)
+
+    return load
+
+
+@torch.no_grad()
+def time_block_forward(loaded, seq_len: int = TIMING_SEQ_LEN, repeats: int = 2) -> float:
+    """Seconds for one block forward on one window of `seq_len` tokens (a whole forward / blocks)."""
+    from fusegpt_core.adapters import num_blocks
+
+    model = loaded.model
+    vocab = int(getattr(model.config, "vocab_size", 256))
+    ids = torch.arange(seq_len, device=loaded.device).remainder(vocab).unsqueeze(0)  # (1, seq)
+    best = float("inf")
+    for _ in range(repeats):
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+        best = min(best, time.perf_counter() - start)
+    return best / max(num_blocks(model), 1)
+
+
+def do_load(app: AppContext, session: Session, jc: JobContext, source: str, device, dtype, trust: bool) -> None:
+    from fusegpt_core.adapters import num_blocks
+
+    source = (source or "").strip()
+    if not source:
+        raise ModelLoadError("no model given: choose the bundled model, a local path or a Hub id.")
+    jc.stage("load", f"loading {source}")
+    loaded, cached = app.models.get(
+        _model_key(source, device, dtype, trust), _load_fn(app, source, device, dtype, trust)
+    )
+    jc.check()
+    jc.stage("timing", "timing one block forward (for run-time estimates)")
+    block_s = time_block_forward(loaded)
+    n = num_blocks(loaded.model)
+    info = {
+        "source": loaded.source,
+        "key": source,
+        "model_type": loaded.model_type,
+        "blocks": n,
+        "params": loaded.num_params,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "load_seconds": loaded.load_seconds if not cached else loaded.load_seconds,
+        "cached": cached,
+        "one_block_ms": block_s * 1000,
+        "block_seconds": block_s,
+        "timing_seq_len": TIMING_SEQ_LEN,
+        "timing_shape": f"1 x {TIMING_SEQ_LEN} tokens",
+    }
+    importance = trajectory = None
+    pre = app.precomputed
+    if pre and source == "bundled" and pre.get("num_blocks") == n:
+        importance = precomputed_importance(pre)
+        if pre.get("trajectory"):
+            trajectory = {
+                "rows": pre["trajectory"]["rows"],
+                "removed": pre["trajectory"]["removed"],
+                "origin": "precomputed: " + pre["trajectory"].get("description", "").strip("()"),
+            }
+    with session.lock:
+        session.loaded = loaded
+        session.model_info = info
+        session.importance = importance
+        session.trajectory = trajectory
+        session.plan = {"blocks": [], "targets": {}, "mode": "manual"}
+        session.preview = None
+    session.bump("model", "importance", "trajectory", "plan", "preview")
+    jc.log(f"loaded {source}: {n} blocks, {info['params']:,} parameters on {info['device']}")
+
+
+def precomputed_importance(pre: dict[str, Any]) -> dict[str, Any]:
+    agreement = pre.get("rank_agreement") or {}
+    df = pd.DataFrame(agreement.get("data") or [], index=agreement.get("index"), columns=agreement.get("columns"))
+    return {
+        "scores": pre["scores"],
+        "agreement": df,
+        "origin": "precomputed",
+        "settings": pre.get("settings", {}),
+    }
+
+
+def _model_key(source: str, device, dtype, trust: bool) -> tuple:
+    return (source, device or "auto", dtype or "auto", bool(trust))
+
+
+def make_warmup_job(app: AppContext, source: str = "bundled") -> Job:
+    """Load the default model into the shared cache at server start, so the first visitor does not wait."""
+
+    def fn(jc: JobContext) -> None:
+        jc.stage("load", f"warming up: loading {source}")
+        app.models.get(_model_key(source, None, None, False), _load_fn(app, source, None, None, False))
+
+    return fn
+
+
+def make_load_job(app: AppContext, session: Session, source: str, device, dtype, trust: bool) -> Job:
+    return lambda jc: do_load(app, session, jc, source, device, dtype, trust)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def _source_key(source: str) -> str:
+    """A short cache key for a text source (pasted text is hashed, files by path, size and time)."""
+    import hashlib
+
+    if source.startswith("text:"):
+        return "text:" + hashlib.sha256(source.encode("utf-8", "replace")).hexdigest()
+    if source.startswith("file:"):
+        path = Path(source[5:])
+        stat = path.stat() if path.exists() else None
+        return f"{source}|{stat.st_size if stat else 0}|{stat.st_mtime_ns if stat else 0}"
+    return source
+
+
+def _tok_key(tokenizer) -> tuple:
+    return (id(tokenizer), str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
+
+
+def read_windows(
+    app: AppContext, tokenizer, source: str, seq_len: int, n: int, seed: int, part: str = "calib"
+) -> torch.Tensor:
+    """Token windows (n, seq_len) from the calibration ('calib') or evaluation ('eval') part of a
+    text source, chosen the way the pipeline chooses them; cached per tokenizer and settings."""
+    from fusegpt_core.data import load_texts, token_windows
+
+    def make() -> torch.Tensor:
+        calib_text, eval_text = load_texts(source, source, seed=seed)
+        if part == "calib":
+            return token_windows(tokenizer, calib_text, seq_len, n, seed=seed)
+        return token_windows(tokenizer, eval_text, seq_len, None, seed=seed)[:n]
+
+    return app.windows.get((*_tok_key(tokenizer), _source_key(source), seq_len, n, seed, part), make)
+
+
+def run_windows(app: AppContext, tokenizer, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline's own (calibration, evaluation) windows for a recipe, cached."""
+    from fusegpt_core.pipeline import load_windows
+
+    d = recipe.data
+    key = (*_tok_key(tokenizer), "run", _source_key(d.calib_source), _source_key(d.eval_source), d.seq_len, d.n_calib,
+           d.n_eval, d.seed)  # fmt: skip
+    return app.windows.get(key, lambda: load_windows(recipe, tokenizer))
+
+
+def _require_model(session: Session):
+    if session.loaded is None:
+        raise ModelLoadError("no model is loaded yet: load one in the Model tab first.")
+    return session.loaded
+
+
+# ---- importance ---------------------------------------------------------------------------------
+
+
+def do_importance(
+    app: AppContext,
+    session: Session,
+    jc: JobContext,
+    loaded,
+    calib_source: str,
+    metrics: list[str],
+    seq_len: int,
+    n_score: int,
+    seed: int,
+    use_cache: bool,
+    batch_size: int = 4,
+) -> None:
+    from fusegpt_core.importance import rank_agreement, score_blocks
+
+    if not metrics:
+        raise PlanError("choose at least one metric to compute.")
+    jc.stage("data", "reading the calibration text")
+    windows = read_windows(app, loaded.tokenizer, calib_source, seq_len, n_score, seed)
+    jc.check()
+    jc.stage("score", f"scoring blocks: {', '.join(metrics)} on {windows.shape[0]} x {seq_len} tokens")
+    scores = score_blocks(
+        loaded.model,
+        windows.to(loaded.device),
+        metrics=tuple(metrics),
+        use_cache=use_cache,
+        batch_size=batch_size,
+        on_progress=lambda s, t: jc.progress(s, t, f"forward pass {s}/{t}"),
+        should_stop=jc.should_stop,
+    )
+    agreement = rank_agreement(scores) if len(scores) > 1 else pd.DataFrame()
+    with session.lock:
+        session.importance = {
+            "scores": {k: list(v) for k, v in scores.items()},
+            "agreement": agreement,
+            "origin": f"computed on {_describe_source(calib_source)} ({windows.shape[0]} x {seq_len} tokens)",
+            "settings": {
+                "calib_source": _describe_source(calib_source),
+                "seq_len": seq_len,
+                "n_score": n_score,
+            },
+        }
+    session.bump("importance")
+
+
+def make_importance_job(app: AppContext, session: Session, **kwargs) -> Job:
+    loaded = _require_model(session)
+    return lambda jc: do_importance(app, session, jc, loaded, **kwargs)
+
+
+def _describe_source(source: str) -> str:
+    if source.startswith("text:"):
+        return f"pasted text ({len(source) - 5:,} characters)"
+    if source.startswith("file:"):
+        return f"uploaded file {Path(source[5:]).name}"
+    return source
+
+
+# ---- drop preview -------------------------------------------------------------------------------
+
+
+def do_preview(
+    app: AppContext,
+    session: Session,
+    jc: JobContext,
+    loaded,
+    blocks: list[int],
+    source: str,
+    seq_len: int,
+    n_eval: int,
+    seed: int,
+) -> None:
+    from fusegpt_core.evaluate import drop_blocks, perplexity
+
+    if not blocks:
+        raise PlanError("no block is chosen: tick the blocks to drop first.")
+    jc.stage("data", "reading the evaluation text")
+    windows = read_windows(app, loaded.tokenizer, source, seq_len, n_eval, seed, part="eval").to(loaded.device)
+    key = (loaded.source, source, seq_len, n_eval, seed)
+    dense = (session.preview or {}).get("dense") if (session.preview or {}).get("key") == key else None
+    if dense is None:
+        jc.stage("evaluate", "perplexity of the original model")
+        dense = perplexity(loaded.model, windows, should_stop=jc.should_stop)
+    jc.stage("evaluate", f"perplexity with blocks {sorted(blocks)} dropped")
+    dropped_model = drop_blocks(loaded.model, sorted(blocks))
+    dropped = perplexity(dropped_model, windows, should_stop=jc.should_stop)
+    del dropped_model
+    with session.lock:
+        session.preview = {
+            "key": key,
+            "dense": dense,
+            "dropped": dropped,
+            "blocks": sorted(blocks),
+            "tokens": int(windows.numel()),
+        }
+    session.bump("preview")
+
+
+def make_preview_job(
+    app: AppContext, session: Session, blocks: list[int], source: str, seq_len: int, n_eval: int, seed: int
+) -> Job:
+    loaded = _require_model(session)
+    return lambda jc: do_preview(app, session, jc, loaded, list(blocks), source, seq_len, n_eval, seed)
+
+
+# ---- run ----------------------------------------------------------------------------------------
+
+
+def do_run(
+    app: AppContext,
+    session: Session,
+    jc: JobContext,
+    loaded,
+    recipe: Recipe,
+    batch_id: int | None = None,
+    windows: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> int:
+    """Run one recipe; returns the new run's id. The session's base model is never edited."""
+    from fusegpt_core.pipeline import run
+
+    recipe = copy.deepcopy(recipe)
+    if recipe.blocks is None and batch_id is not None and batch_id in session.batch_blocks:
+        # a baseline in the same batch as a FuseGPT run: same blocks, same order
+        recipe.blocks = list(session.batch_blocks[batch_id])
+        recipe.remove = len(recipe.blocks)
+    info = session.model_info or {}
+    n_blocks = int(info.get("blocks") or 0)
+    count = len(recipe.blocks) if recipe.blocks is not None else recipe.remove
+    est = None
+    if info.get("block_seconds"):
+        est = estimate_run(recipe, n_blocks, info["block_seconds"], info.get("timing_seq_len", TIMING_SEQ_LEN))
+        jc.set_eta(est["total"])
+    started = time.monotonic()
+    jc.update_live(
+        lambda live: live.update(
+            losses={},
+            trajectory=[],
+            removed=[],
+            rounds=[],
+            method=recipe.method,
+            count=count,
+            n_blocks=n_blocks,
+            fixed_blocks=recipe.blocks is not None,
+        )
+    )
+
+    def on_event(ev) -> None:
+        if ev.kind == "stage":
+            jc.stage(ev.stage, ev.message)
+        elif ev.kind == "progress":
+            jc.progress(ev.step, ev.total, ev.message or None)
+        elif ev.kind == "loss":
+            name = f"round {ev.data['round'] + 1}: block {ev.data['removed']}"
+            loss = float(ev.data["loss"])
+            jc.update_live(lambda live: live["losses"].setdefault(name, []).append((ev.step, loss)))
+            jc.progress(ev.step, ev.total)
+        elif ev.kind == "scores":
+            if ev.data.get("metric") == recipe.metric:
+                jc.update_live(lambda live: live["trajectory"].append(list(ev.data["scores"])))
+        elif ev.kind == "round":
+            data = {k: v for k, v in ev.data.items() if k != "losses"}
+            jc.update_live(lambda live: (live["rounds"].append(data), live["removed"].append(data["removed"])))
+            done = ev.step
+            per_round = (time.monotonic() - started) / max(done, 1)
+            rest = (est["stages"]["evaluate"] + est["stages"]["speed"]) if est else 0.0
+            jc.set_eta(per_round * max(count - done, 0) + rest)
+            jc.log(f"round {done}/{count}: removed block {data['removed']} into {data.get('targets')}")
+        elif ev.kind == "log":
+            jc.log(ev.message)
+
+    if windows is None:
+        jc.stage("data", "preparing calibration and evaluation windows")
+        windows = run_windows(app, loaded.tokenizer, recipe)
+    result = run(recipe, loaded=loaded, on_event=on_event, should_stop=jc.should_stop, windows=windows)
+    report = result.report
+    if batch_id is not None and report.get("removed_blocks"):
+        session.batch_blocks.setdefault(batch_id, list(report["removed_blocks"]))
+    with session.lock:
+        run_id = session.next_run_id
+        session.next_run_id += 1
+    label = f"#{run_id} {recipe.method}"
+    session.add_run(
+        RunRecord(
+            id=run_id,
+            label=label,
+            method=recipe.method,
+            report=report,
+            model=result.model,
+            tokenizer=result.tokenizer,
+        ),
+        keep_models=app.keep_run_models,
+    )
+    return run_id
+
+
+def make_run_job(app: AppContext, session: Session, recipe: Recipe, batch_id: int | None = None) -> Job:
+    loaded = _require_model(session)
+    n = int((session.model_info or {}).get("blocks") or 0)
+    if n:
+        recipe.validate(num_blocks=n)
+    return lambda jc: do_run(app, session, jc, loaded, recipe, batch_id)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+
+def do_generate(session: Session, jc: JobContext, loaded, prompt: str, settings: dict[str, Any]) -> None:
+    from fusegpt_core.evaluate import generate
+
+    if not prompt or not prompt.strip():
+        raise PlanError("the prompt is empty: type a question or pick an example.")
+    models = [("original", loaded.model, loaded.tokenizer)]
+    models += [(r.label, r.model, r.tokenizer) for r in session.runs if r.model is not None]
+    out = []
+    for i, (label, model, tok) in enumerate(models):
+        jc.check()
+        jc.stage("generate", f"generating with {label}")
+        jc.progress(i, len(models))
+        start = time.perf_counter()
+        text = generate(model, tok, prompt, **settings)
+        out.append({"label": label, "text": text, "seconds": time.perf_counter() - start})
+    with session.lock:
+        session.generations = out
+        session.generation_prompt = prompt
+    session.bump("generations")
+
+
+def make_generate_job(session: Session, prompt: str, settings: dict[str, Any]) -> Job:
+    loaded = _require_model(session)
+    return lambda jc: do_generate(session, jc, loaded, prompt, settings)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def do_export(session: Session, jc: JobContext, run_id: int) -> Path:
+    from fusegpt_core.export import export_model, safe_export_dir, zip_folder
+
+    record = session.run_by_id(run_id)
+    if record is None:
+        raise PlanError(f"run {run_id} is not in this session any more.")
+    if record.model is None:
+        raise PlanError(
+            f"the model of run {record.label} was released to save memory (only the newest runs are kept); "
+            "its recipe and report can still be downloaded, or run it again."
+        )
+    jc.stage("export", f"saving run {record.label} as a Hugging Face folder")
+    name = f"fused-run{record.id}-{record.method.replace('+', '-')}"
+    base = session.workdir / "exports"
+    base.mkdir(parents=True, exist_ok=True)
+    folder = export_model(record.model, record.tokenizer, safe_export_dir(base, name), record.report, overwrite=True)
+    jc.check()
+    jc.stage("zip", "zipping the folder for download")
+    zipped = zip_folder(folder)
+    record.export_dir, record.zip_path = folder, zipped
+    with session.lock:
+        exports = session.exports if (session.exports or {}).get("run_id") == run_id else {"run_id": run_id}
+        session.exports = {**exports, "zip": zipped}
+    session.bump("export")
+    return zipped
+
+
+def write_recipe_files(session: Session, run_id: int) -> tuple[Path, Path]:
+    """recipe.json and report.json of a run, written to the session folder (cheap, no job)."""
+    record = session.run_by_id(run_id)
+    if record is None:
+        raise PlanError(f"run {run_id} is not in this session any more.")
+    folder = session.workdir / f"run{record.id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_path, report_path = folder / "recipe.json", folder / "report.json"
+    recipe_path.write_text(json.dumps(record.report.get("recipe", {}), indent=2), encoding="utf-8")
+    report_path.write_text(json.dumps(record.report, indent=2, default=str), encoding="utf-8")
+    with session.lock:
+        exports = session.exports if (session.exports or {}).get("run_id") == run_id else {"run_id": run_id}
+        session.exports = {**exports, "recipe": recipe_path, "report": report_path}
+    session.bump("export")
+    return recipe_path, report_path
+
+
+def make_export_job(session: Session, run_id: int) -> Job:
+    return lambda jc: do_export(session, jc, run_id)
+
+
+def make_push_job(session: Session, run_id: int, repo_id: str, token: str) -> Job:
+    """The token lives only in this closure; the runner drops the closure when the job ends."""
+    from fusegpt_core.export import push_to_hub
+
+    repo_id = (repo_id or "").strip()
+    if not repo_id or "/" not in repo_id:
+        raise PlanError("give the Hub repository as 'user/name'.")
+    if not token or not token.strip():
+        raise PlanError("pushing needs a Hugging Face write token (used for this push only, never stored).")
+    secret = token.strip()
+
+    def fn(jc: JobContext) -> str:
+        record = session.run_by_id(run_id)
+        if record is None:
+            raise PlanError(f"run {run_id} is not in this session any more.")
+        if record.export_dir is None or not record.export_dir.exists():
+            do_export(session, jc, run_id)
+        jc.stage("push", f"uploading run {record.label} to {repo_id}")
+        url = push_to_hub(record.export_dir, repo_id, secret)
+        with session.lock:
+            session.exports = {**(session.exports or {}), "run_id": run_id, "pushed": url}
+        session.bump("export")
+        return url
+
+    return fn
+
+
+# ---- the one-click demo -------------------------------------------------------------------------
+
+
+def make_demo_job(app: AppContext, session: Session, recipe: Recipe, prompt: str, source: str) -> Job:
+    """load -> importance -> plan (MI's choice) -> run (the given fast recipe) -> compare + generate."""
+
+    def fn(jc: JobContext) -> int:
+        do_load(app, session, jc, source, None, None, False)
+        loaded = session.loaded
+        d = recipe.data
+        if session.importance is None:
+            do_importance(
+                app,
+                session,
+                jc,
+                loaded,
+                d.calib_source,
+                ["mi", "bi", "angular"],
+                d.seq_len,
+                max(d.n_score, 2),
+                d.seed,
+                True,
+            )
+        n = int(session.model_info["blocks"])
+        r = copy.deepcopy(recipe)
+        r.fusion.group_size = min(r.fusion.group_size, n)
+        with session.lock:
+            session.plan = {"blocks": [], "targets": {}, "mode": "auto", "remove": r.remove}
+        session.bump("plan")
+        run_id = do_run(app, session, jc, loaded, r)
+        record = session.run_by_id(run_id)
+        with session.lock:
+            session.plan = {"blocks": list(record.report["removed_blocks"]), "targets": {}, "mode": "manual"}
+        session.bump("plan")
+        do_generate(session, jc, loaded, prompt, {"max_new_tokens": 32, "do_sample": False})
+        return run_id
+
+    return fn
+
+
+def check_source_text(kind: str, pasted: str, upload: str | None, dataset: str) -> str:
+    """The UI's calibration-text choice -> a core data source string."""
+    if kind == "bundled corpus":
+        return "bundled"
+    if kind == "paste text":
+        if not pasted or len(pasted.strip()) < 200:
+            raise DataError("the pasted text is too short: paste at least a few paragraphs (200+ characters).")
+        return "text:" + pasted
+    if kind == "upload a file":
+        if not upload:
+            raise DataError("no file uploaded: drop a .txt file on the upload box first.")
+        return f"file:{upload}"
+    if kind == "hub dataset":
+        return f"hf:{dataset}"
+    raise DataError(f"unknown text source '{kind}'.")

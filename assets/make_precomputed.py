@@ -1,0 +1,126 @@
+"""Regenerate assets/precomputed_importance.json: the bundled model's scores, shown instantly in the app.
+
+    python assets/make_precomputed.py                 # scores + the MI trajectory of a cpu-demo run
+    python assets/make_precomputed.py --no-trajectory  # scores only (about 2 minutes on 2 CPU cores)
+
+The scores use the Importance tab's default settings (bundled text, 4 windows x 128 tokens, seed 0).
+The trajectory comes from an iterative run with the 'cpu-demo' preset removing 6 blocks. The
+shipped file uses `--method drop` (re-scoring after each plain removal: minutes on 2 CPU cores);
+`--method fusegpt --device cuda` records a real fusion trajectory (about an hour on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from fusegpt_core.config import preset  # noqa: E402
+from fusegpt_core.data import load_texts, token_windows  # noqa: E402
+from fusegpt_core.importance import rank_agreement, score_blocks  # noqa: E402
+from fusegpt_core.loading import load_model  # noqa: E402
+from fusegpt_core.pipeline import run  # noqa: E402
+
+SETTINGS = {"calib_source": "bundled", "seq_len": 128, "n_score": 4, "seed": 0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(HERE / "precomputed_importance.json"))
+    ap.add_argument("--no-trajectory", action="store_true", help="skip the cpu-demo run")
+    ap.add_argument("--remove", type=int, default=6, help="blocks the trajectory run removes")
+    ap.add_argument("--method", default="fusegpt", help="method of the trajectory run (fusegpt, drop, ...)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field of the trajectory run, e.g. distill.lr_coef=0.01",
+    )
+    ap.add_argument("--device", default="cpu", help="device of the trajectory run (cpu, cuda, auto)")
+    ap.add_argument("--keep-scores", action="store_true", help="reuse the scores already in --out")
+    args = ap.parse_args()
+
+    start = time.perf_counter()
+    loaded = load_model("bundled", device="cpu", dtype="float32")
+    if args.keep_scores and Path(args.out).exists():
+        out = json.loads(Path(args.out).read_text(encoding="utf-8"))
+    else:
+        out = compute_scores(loaded, start)
+        _write(args.out, out)
+        print(f"scores written in {out['seconds_scores']} s", flush=True)
+
+    if not args.no_trajectory:
+        overrides = {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            overrides[key] = json.loads(value)
+        if args.device != "cpu":
+            loaded = load_model("bundled", device=args.device)
+        recipe = preset("cpu-demo", remove=args.remove, method=args.method, device=args.device, **overrides)
+
+        def on_event(ev) -> None:
+            if ev.kind in ("stage", "round") or (ev.kind == "log"):
+                print(f"[{time.perf_counter() - start:7.1f}s] {ev.stage}: {ev.message}", flush=True)
+
+        result = run(recipe, loaded=loaded, on_event=on_event)
+        rep = result.report
+        out["trajectory"] = {
+            "description": (
+                "(iterative MI with plain dropping)"
+                if rep["method"] == "drop"
+                else f"({rep['method']} run, cpu-demo preset, {len(rep['removed_blocks'])} blocks)"
+            ),
+            "rows": rep["trajectory"],
+            "removed": rep["removed_blocks"],
+            "status": rep["status"],
+        }
+        out["example_run"] = {
+            k: rep.get(k)
+            for k in (
+                "method", "status", "dense_ppl", "dropped_ppl", "fused_ppl", "removed_blocks", "num_layers_before",
+                "num_layers_after", "params_before", "params_after", "tokens_per_s_before", "tokens_per_s_after",
+                "rounds", "seconds", "recipe",
+            )
+        }  # fmt: skip
+        for r in out["example_run"]["rounds"] or []:
+            r.pop("losses", None)
+        _write(args.out, out)
+        print(f"trajectory written ({rep['status']}); total {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def compute_scores(loaded, start: float) -> dict:
+    calib, _ = load_texts(SETTINGS["calib_source"], SETTINGS["calib_source"], seed=SETTINGS["seed"])
+    windows = token_windows(loaded.tokenizer, calib, SETTINGS["seq_len"], SETTINGS["n_score"], seed=SETTINGS["seed"])
+    print(f"scoring {windows.shape} ...", flush=True)
+    scores = score_blocks(loaded.model, windows, metrics=("mi", "bi", "angular", "ppl"))
+    agreement = rank_agreement(scores)
+    out = {
+        "model": "bundled",
+        "model_type": loaded.model_type,
+        "num_blocks": len(scores["mi"]),
+        "settings": SETTINGS,
+        "scores": scores,
+        "rank_agreement": {
+            "index": [str(i) for i in agreement.index],
+            "columns": [str(c) for c in agreement.columns],
+            "data": agreement.round(6).values.tolist(),
+        },
+        "seconds_scores": round(time.perf_counter() - start, 1),
+    }
+    return out
+
+
+def _write(path: str, data: dict) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""A real browser (Debian's chromium through Playwright) goes through the whole app:
+load -> importance -> plan -> run -> compare -> export, with a screenshot of every step.
+
+Screenshots go to $FUSEGPT_SCREENSHOTS (default out/screenshots/); with FUSEGPT_UPDATE_SCREENSHOTS=1
+they are also copied to assets/screenshots/ for the README. FUSEGPT_E2E_BUNDLED=1 runs the same
+flow on the bundled SmolLM2 (slower) instead of the tiny test model.
+"""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = Path(os.environ.get("FUSEGPT_SCREENSHOTS", ROOT / "out" / "screenshots"))
+BUNDLED = os.environ.get("FUSEGPT_E2E_BUNDLED") == "1"
+LONG = 300_000 if BUNDLED else 180_000  # upper bounds: a busy 2-core machine is slow
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed at /usr/bin/chromium")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+class Checker:
+    """Fails on any error the app shows: a red status line, an error toast, a page error."""
+
+    def __init__(self, page):
+        self.page = page
+        self.page_errors: list[str] = []
+        page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+
+    def no_errors(self, step: str) -> None:
+        status = self.page.inner_text("#job-status")
+        assert "✖" not in status and "failed" not in status, f"{step}: {status}"
+        toasts = self.page.locator(".toast-body, [data-testid='toast-body']")
+        texts = [toasts.nth(i).inner_text() for i in range(toasts.count())]
+        bad = [t for t in texts if "error" in t.lower() or "warning" in t.lower() or "failed" in t.lower()]
+        assert not bad, f"{step}: the app showed {bad}"
+        assert not self.page_errors, f"{step}: page errors {self.page_errors}"
+
+    def shot(self, name: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def _wait_done(page, title: str, timeout: int = LONG) -> None:
+    expect = playwright_api.expect
+    expect(page.locator("#job-status")).to_contain_text(re.compile(rf"{re.escape(title)}.* finished"), timeout=timeout)
+
+
+def _click_heatmap(page, block: int) -> None:
+    """What a click on a heatmap cell does (plotly's click event), without aiming the mouse at a cell."""
+    page.wait_for_function(
+        "document.querySelector('#importance-plot .js-plotly-plot')?.dataset.fusegptBound === '1'", timeout=10_000
+    )
+    page.wait_for_timeout(600)  # a redraw may have dropped the listener: the page re-binds within 0.5 s
+    page.evaluate(
+        """(block) => {
+            const plot = document.querySelector('#importance-plot .js-plotly-plot');
+            plot.emit('plotly_click', {points: [{x: block, y: 'Macro Influence'}]});
+        }""",
+        block,
+    )
+
+
+def test_whole_flow_in_a_browser(live_app, browser):
+    url, _ = live_app
+    expect = playwright_api.expect
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    check = Checker(page)
+    page.goto(url)
+    page.wait_for_selector("#load-btn", timeout=60_000)
+
+    # 1. model
+    if not BUNDLED:
+        page.get_by_test_id("tiny (test model)-radio-label").click()
+    page.click("#load-btn")
+    _wait_done(page, "Load")
+    expect(page.locator("#model-info")).to_contain_text("llama")
+    check.no_errors("load")
+    check.shot("1-model")
+
+    # 2. importance: computed here for the test model; precomputed for the bundled one
+    _tab(page, "2 · Importance")
+    if not BUNDLED:
+        page.click("#importance-btn")
+        _wait_done(page, "Compute importance")
+    expect(page.locator("#importance-origin")).to_contain_text("computed" if not BUNDLED else "precomputed")
+    expect(page.locator("#importance-plot .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#agreement-plot .js-plotly-plot")).to_be_visible()
+    check.no_errors("importance")
+    check.shot("2-importance")
+
+    # 3. plan
+    blocks = page.locator("#blocks-cb")
+    if BUNDLED:  # MI's two lowest blocks: a plan worth showing
+        _tab(page, "3 · Plan")
+        slider_box = page.locator("#remove-k input[type=number]")
+        slider_box.fill("2")
+        slider_box.press("Enter")
+        page.click("#fill-btn")
+        expect(page.locator("#plan-summary")).to_contain_text("Removal order", timeout=20_000)
+    else:
+        # clicking a heatmap cell puts that block in the plan
+        _click_heatmap(page, 1)
+        _tab(page, "3 · Plan")
+        expect(page.locator("#plan-summary")).to_contain_text("Removal order: 1", timeout=20_000)
+        blocks.get_by_label("5", exact=True).check()
+        expect(page.locator("#plan-summary")).to_contain_text("5", timeout=20_000)
+        # the heatmap was redrawn with the new plan: a second click still toggles exactly once
+        _tab(page, "2 · Importance")
+        _click_heatmap(page, 2)
+        _tab(page, "3 · Plan")
+        expect(blocks.get_by_label("2", exact=True)).to_be_checked(timeout=20_000)
+        blocks.get_by_label("2", exact=True).uncheck()
+        expect(blocks.get_by_label("2", exact=True)).not_to_be_checked()
+        expect(blocks.get_by_label("1", exact=True)).to_be_checked()
+    expect(page.locator("#plan-diagram .js-plotly-plot")).to_be_visible()
+    page.click("#preview-btn")
+    _wait_done(page, "Preview drop")
+    expect(page.locator("#preview-text")).to_contain_text("dropped")
+    expect(page.locator("#estimate-text")).to_contain_text("Estimated run time")
+    check.no_errors("plan")
+    check.shot("3-plan")
+
+    # 4. run: the tiny preset, FuseGPT and a drop baseline on the same plan
+    _tab(page, "4 · Run")
+    page.locator("#preset-dd input").click()
+    page.get_by_role("option", name="tiny", exact=True).click()
+    page.locator("#baselines-cb").get_by_label("drop", exact=True).check()
+    page.click("#run-btn")
+    _wait_done(page, "Run drop")
+    expect(page.locator("#run-header")).to_contain_text("finished")
+    expect(page.locator("#loss-plot .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#rounds-table")).to_contain_text("1")
+    check.no_errors("run")
+    _tab(page, "4 · Run")
+    page.locator("#run-header").scroll_into_view_if_needed()
+    check.shot("4-run")
+
+    # 5. compare
+    _tab(page, "5 · Compare")
+    table = page.locator("#compare-table")
+    expect(table).to_contain_text("original")
+    expect(table).to_contain_text("#1 fusegpt")
+    expect(table).to_contain_text("#2 drop")
+    expect(page.locator("#compare-plot .js-plotly-plot")).to_be_visible()
+    page.click("#generate-btn")
+    _wait_done(page, "Generate")
+    expect(page.locator("#generations .gen-card")).to_have_count(3)
+    check.no_errors("compare")
+    check.shot("5-compare")
+
+    # 6. export
+    _tab(page, "6 · Export")
+    page.click("#export-btn")
+    _wait_done(page, "Export model")
+    expect(page.locator("#zip-file")).to_contain_text(".zip")
+    expect(page.locator("#recipe-file")).to_contain_text("recipe.json")
+    check.no_errors("export")
+    check.shot("6-export")
+
+    # a reload finds the session's results again
+    page.reload()
+    page.wait_for_selector("#load-btn", timeout=60_000)
+    _tab(page, "5 · Compare")
+    expect(page.locator("#compare-table")).to_contain_text("#1 fusegpt", timeout=20_000)
+    check.no_errors("reload")
+
+    if os.environ.get("FUSEGPT_UPDATE_SCREENSHOTS") == "1":
+        dest = ROOT / "assets" / "screenshots"
+        dest.mkdir(parents=True, exist_ok=True)
+        for png in SHOTS.glob("*.png"):
+            shutil.copy(png, dest / png.name)
+    page.close()
+
+
+def test_stop_button_stops_a_run(live_app, browser):
+    url, _ = live_app
+    expect = playwright_api.expect
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    page.goto(url)
+    page.wait_for_selector("#load-btn", timeout=60_000)
+    if not BUNDLED:
+        page.get_by_test_id("tiny (test model)-radio-label").click()
+    page.click("#load-btn")
+    _wait_done(page, "Load")
+    _tab(page, "3 · Plan")
+    page.locator("#plan-mode").get_by_label("let MI choose").check()
+    _tab(page, "4 · Run")
+    page.locator("#run-btn").click()  # cpu-demo preset: long enough to stop
+    expect(page.locator("#job-status")).to_contain_text("Run fusegpt", timeout=30_000)
+    page.locator("#stop-btn-2").click()
+    expect(page.locator("#job-status")).to_contain_text("stopped", timeout=60_000)
+    page.close()
+
+
+def test_one_click_demo(live_app, browser):
+    url, _ = live_app
+    expect = playwright_api.expect
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    check = Checker(page)
+    page.goto(url)
+    page.wait_for_selector("#demo-btn", timeout=60_000)
+    page.click("#demo-btn")
+    _wait_done(page, "One-click demo", timeout=LONG * 2)
+    check.no_errors("demo")
+    _tab(page, "5 · Compare")
+    expect(page.locator("#compare-table")).to_contain_text("#1 fusegpt")
+    expect(page.locator("#generations .gen-card")).to_have_count(2)
+    _tab(page, "3 · Plan")
+    expect(page.locator("#plan-summary")).to_contain_text("Removal order")
+    page.close()

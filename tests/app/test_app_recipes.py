@@ -1,0 +1,90 @@
+"""Widget values -> Recipe; run-time estimates; plan helpers."""
+
+import pytest
+
+from app import views
+from app.estimate import estimate_run, estimate_text, mi_pass_forwards
+from app.recipes import KNOB_KEYS, KNOBS, build_recipe, cli_command, preset_values
+from fusegpt_core.config import preset
+from fusegpt_core.errors import PlanError
+from fusegpt_core.fusion import plan_group
+
+
+def _build(plan, **kw):
+    args = dict(
+        model="bundled",
+        preset_name="tiny",
+        method="fusegpt",
+        plan=plan,
+        knobs=preset_values("tiny"),
+        calib_source="bundled",
+        device="cpu",
+        dtype="float32",
+    )
+    args.update(kw)
+    return build_recipe(**args)
+
+
+def test_knobs_cover_known_recipe_keys_and_round_trip():
+    assert len(set(KNOB_KEYS)) == len(KNOBS)
+    recipe = _build({"mode": "manual", "blocks": [3, 1]})
+    assert recipe.to_dict()["distill"] == preset("tiny").to_dict()["distill"]
+
+
+def test_manual_plan_keeps_order_and_custom_targets():
+    recipe = _build({"mode": "manual", "blocks": [3, 1], "targets": {3: [2, 4], 5: [0]}}, num_blocks=6)
+    assert recipe.blocks == [3, 1] and recipe.remove == 2
+    assert recipe.fusion.targets == {3: [2, 4]}  # targets of blocks not in the plan are dropped
+    assert recipe.data.calib_source == "bundled" and recipe.device == "cpu"
+
+
+def test_auto_plan_lets_the_metric_choose():
+    recipe = _build({"mode": "auto"}, remove=4)
+    assert recipe.blocks is None and recipe.remove == 4
+
+
+def test_group_size_is_clamped_to_the_model():
+    recipe = _build(
+        {"mode": "manual", "blocks": [1]}, num_blocks=6, preset_name="cpu-demo", knobs=preset_values("cpu-demo")
+    )
+    assert preset("cpu-demo").fusion.group_size > 6 and recipe.fusion.group_size == 6
+
+
+def test_plan_errors_are_user_messages():
+    with pytest.raises(PlanError, match="no block is chosen"):
+        _build({"mode": "manual", "blocks": []})
+    with pytest.raises(PlanError, match="at least one block must remain"):
+        _build({"mode": "manual", "blocks": [0, 1, 2, 3, 4, 5]}, num_blocks=6)
+    bad = preset_values("tiny")
+    bad[KNOB_KEYS.index("distill.epochs")] = 1.5
+    with pytest.raises(PlanError, match="whole number"):
+        _build({"mode": "manual", "blocks": [1]}, knobs=bad)
+
+
+def test_cli_command_quotes():
+    assert cli_command("my recipe.json").startswith("python -m fusegpt_core fuse --recipe 'my recipe.json'")
+
+
+def test_estimate_grows_with_work():
+    small = estimate_run(preset("tiny", remove=2), 30, 0.01, 128)
+    big = estimate_run(preset("cpu-demo", remove=6), 30, 0.01, 128)
+    assert 0 < small["total"] < big["total"]
+    manual = estimate_run(preset("cpu-demo", blocks=[1, 2]), 30, 0.01, 128)
+    assert manual["stages"]["score"] == 0  # fixed blocks need no scoring
+    assert mi_pass_forwards(4, True) == 4 + 6 and mi_pass_forwards(4, False) == 16
+    assert "on this cpu" in estimate_text(small, "cpu")
+
+
+def test_plan_groups_follow_the_core_window_on_remaining_blocks():
+    groups = views.plan_groups(10, [5, 6], {}, 4)
+    assert groups[5] == plan_group(5, 10, 4)
+    remaining = [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert groups[6] == [remaining[t] for t in plan_group(5, 9, 4)]
+    assert views.plan_groups(10, [5], {5: [1, 2]}, 4) == {5: [1, 2]}
+
+
+def test_removal_order_and_lowest():
+    scores = [0.5, 0.1, 0.3, 0.05]
+    assert views.removal_order([0, 1, 3], scores) == [3, 1, 0]
+    assert views.removal_order([2, 0], None) == [0, 2]
+    assert views.lowest_blocks(scores, 2) == [1, 3]
