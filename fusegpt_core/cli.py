@@ -279,6 +279,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.quiet:  # transformers' own bars ("Loading weights") would otherwise still reach stderr
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except FuseGPTError as e:

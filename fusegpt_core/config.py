@@ -17,7 +17,7 @@ from .errors import PlanError, RecipeError
 
 METHODS = ("fusegpt", "drop", "drop+lora", "average")
 LOSSES = ("kl", "mse", "cosine")
-SELECTIONS = ("iterative", "one-shot", "manual")
+SELECTIONS = ("iterative", "one-shot")
 
 
 @dataclass
@@ -62,6 +62,9 @@ class DistillConfig:
     """Learning rate of the fusion coefficients C, D (and bias coefficients)."""
     lr_lora: float = 1e-3
     """Learning rate of the LoRA matrices and the group's norm weights."""
+    lr_settled: float | None = None
+    """Learning rate of coefficients trained in earlier rounds when their group trains again;
+    None uses lr_lora (stable on CPU presets); the paper uses the coefficient rate."""
     loss: str = "mse"
     """'kl' (the paper's KL over the batch dimension), 'mse' or 'cosine' on the group output."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -135,12 +138,39 @@ class Recipe:
             "a whole number of at least 0",
         )
         _check(self.fusion.group_size >= 2, "fusion.group_size", self.fusion.group_size, "at least 2")
-        for name, value in [("distill.lr_coef", self.distill.lr_coef), ("distill.lr_lora", self.distill.lr_lora)]:
+        rates = [("distill.lr_coef", self.distill.lr_coef), ("distill.lr_lora", self.distill.lr_lora)]
+        if self.distill.lr_settled is not None:
+            rates.append(("distill.lr_settled", self.distill.lr_settled))
+        for name, value in rates:
             ok = isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 10
             _check(ok, name, value, "a positive finite number below 10")
-        _check(self.distill.grad_clip >= 0, "distill.grad_clip", self.distill.grad_clip, "0 or more")
+        _check(
+            _number(self.distill.grad_clip) and self.distill.grad_clip >= 0,
+            "distill.grad_clip",
+            self.distill.grad_clip,
+            "0 or more",
+        )
+        factor = self.distill.divergence_factor
+        _check(_number(factor) and factor > 1, "distill.divergence_factor", factor, "a finite number above 1")
+        betas = self.distill.betas
+        ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
+        _check(ok, "distill.betas", betas, "two numbers in [0, 1)")
+        _check(
+            isinstance(self.data.seed, int) and self.data.seed >= 0,
+            "data.seed",
+            self.data.seed,
+            "a whole number of 0 or more",
+        )
+        _check(
+            isinstance(self.eval.speed_tokens, int) and self.eval.speed_tokens >= 1,
+            "eval.speed_tokens",
+            self.eval.speed_tokens,
+            "a whole number of at least 1",
+        )
         if self.blocks is None:
             _check(isinstance(self.remove, int) and self.remove >= 1, "remove", self.remove, "at least 1")
+        else:
+            _check(isinstance(self.blocks, list), "blocks", self.blocks, "a list of block numbers")
         if num_blocks is not None:
             self.validate_for_model(num_blocks)
         return self
@@ -151,7 +181,12 @@ class Recipe:
         if count > num_blocks - 1:
             raise PlanError(
                 f"cannot remove {count} of {num_blocks} blocks: at least one block must remain "
-                f"(choose at most {num_blocks - 1})."
+                f"(choose at most {max(num_blocks - 2, 0)})."
+            )
+        if count == num_blocks - 1:
+            raise PlanError(
+                f"cannot remove {count} of {num_blocks} blocks: a single remaining block cannot absorb all the "
+                f"others (choose at most {max(num_blocks - 2, 0)})."
             )
         if self.blocks is not None:
             validate_block_list(self.blocks, num_blocks)
@@ -183,18 +218,34 @@ class Recipe:
         if not path.is_file():
             raise RecipeError(f"recipe file '{path}' does not exist.")
         text = path.read_text(encoding="utf-8", errors="replace")
+        is_yaml = path.suffix.lower() in (".yaml", ".yml")
         try:
-            if path.suffix.lower() in (".yaml", ".yml"):
+            if is_yaml:
                 import yaml
 
                 d = yaml.safe_load(text)
             else:
                 d = json.loads(text)
         except Exception as e:  # malformed file: one line naming the file and the parser's complaint
-            raise RecipeError(f"recipe file '{path}' is not valid {path.suffix[1:].upper()}: {e}") from None
+            raise RecipeError(
+                f"recipe file '{path}' is not valid {'YAML' if is_yaml else 'JSON'}: {_parse_problem(e)}"
+            ) from None
         if isinstance(d, dict) and "recipe" in d and "dense_ppl" in d:
             d = d["recipe"]  # a report.json also works as a recipe
         return cls.from_dict(d)
+
+
+def _parse_problem(error: Exception) -> str:
+    """A parser's complaint on one line (YAML's spans several, with a caret drawing)."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())[:300]
+
+
+def _number(value: Any) -> bool:
+    """A finite real number (bool excluded)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -238,9 +289,18 @@ def _build(cls, d: dict[str, Any], prefix: str):
                 raise RecipeError(f"recipe key '{prefix}{key}' must be a mapping.")
             kwargs[key] = _build(sub, value, prefix=f"{prefix}{key}.")
         elif key == "betas":
-            kwargs[key] = tuple(float(v) for v in value)
+            try:
+                kwargs[key] = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise RecipeError(f"recipe key '{prefix}{key}' must be two numbers, got {value!r}.") from None
         elif key == "targets" and value is not None:
-            kwargs[key] = {int(k): [int(t) for t in v] for k, v in value.items()}
+            try:
+                kwargs[key] = {int(k): [int(t) for t in v] for k, v in value.items()}
+            except (AttributeError, TypeError, ValueError):
+                raise RecipeError(
+                    f"recipe key '{prefix}{key}' must map a removed block to a list of target blocks, "
+                    f'e.g. {{"5": [3, 4, 6]}}; got {value!r}.'
+                ) from None
         else:
             kwargs[key] = value
     return cls(**kwargs)
@@ -271,7 +331,7 @@ def preset(name: str, **overrides: Any) -> Recipe:
             dtype=None,
             data=DataConfig(seq_len=2048, n_calib=1024, n_score=32, n_eval=64),
             fusion=FusionConfig(group_size=8, coef_rank=128, lora_rank=128),
-            distill=DistillConfig(epochs=20, batch_size=8, lr_coef=1e-3, lr_lora=9.65e-6, loss="kl"),
+            distill=DistillConfig(epochs=20, batch_size=8, lr_coef=1e-3, lr_lora=9.65e-6, lr_settled=1e-3, loss="kl"),
         )
     else:
         raise RecipeError(f"unknown preset '{name}' (known: {', '.join(PRESETS)}).")

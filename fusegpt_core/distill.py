@@ -57,6 +57,8 @@ def finetune(
     coef_params: list[nn.Parameter],
     other_params: list[nn.Parameter],
     *,
+    settled_params: list[nn.Parameter] | None = None,
+    lr_settled: float | None = None,
     epochs: int,
     batch_size: int,
     lr_coef: float,
@@ -77,9 +79,12 @@ def finetune(
     worst batch; Cancelled on stop.
     """
     loss_fn = LOSSES[loss]
+    settled_params = settled_params or []
     groups = [{"params": coef_params, "lr": lr_coef}]
     if other_params:
         groups.append({"params": other_params, "lr": lr_other})
+    if settled_params:
+        groups.append({"params": settled_params, "lr": lr_settled if lr_settled is not None else lr_other})
     optimizer = torch.optim.Adam(groups, betas=betas, foreach=True)
     n = inputs.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
@@ -87,7 +92,7 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
     generator = torch.Generator().manual_seed(seed)
     result = DistillResult()
-    params = coef_params + other_params
+    params = coef_params + other_params + settled_params
     # blocks stay in eval mode: no dropout, so the student sees what the teacher saw
     try:
         step = 0

@@ -6,6 +6,7 @@ when complete, so a crash, a full disk or a kill never leaves a folder that look
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -113,7 +114,9 @@ def export_model(
     if any(isinstance(m, FusedLinear) for m in model.modules()):
         fold_fused_linears(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    remove_stale_partials(out_dir)
+    # the pid in the name lets a later export tell a dead writer's leftovers from a live one's
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-{os.getpid()}-"))
     try:
         config = model.config
         if getattr(config, "quantization_config", None) is not None:
@@ -130,12 +133,35 @@ def export_model(
         os.replace(tmp, out_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if getattr(e, "errno", None) == 28 else str(e)
-        raise ExportError(f"could not write the export to '{out_dir}': {reason}. Nothing was left behind.") from None
+        raise ExportError(
+            f"could not write the export to '{out_dir}': {_reason(e)}. Nothing was left behind."
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _reason(error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        return "the disk is full"
+    return error.strerror or str(error)
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Delete `.NAME.partial-PID-*` siblings of `out_dir` whose writer no longer runs (killed mid-export)."""
+    import psutil
+
+    removed = []
+    for candidate in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid_text = candidate.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid != os.getpid() and not psutil.pid_exists(pid):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
 
 
 def zip_folder(folder: str | Path, zip_path: str | Path | None = None) -> Path:
@@ -148,7 +174,7 @@ def zip_folder(folder: str | Path, zip_path: str | Path | None = None) -> Path:
         os.replace(made, target)
     except OSError as e:
         Path(f"{tmp_base}.zip").unlink(missing_ok=True)
-        raise ExportError(f"could not write '{target}': {e}") from None
+        raise ExportError(f"could not write '{target}': {_reason(e)}. Nothing was left behind.") from None
     return target
 
 

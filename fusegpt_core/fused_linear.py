@@ -50,6 +50,7 @@ class FusedLinear(nn.Module):
         self.coef_D = nn.ParameterList()  # each (r, cols), kaiming-uniform
         self.bias_coef = nn.ParameterList()  # each (bias_len,), zero-initialised
         self.num_absorbed = 0
+        self.num_settled = 0  # absorbed terms whose coefficients a finished round already trained
 
     @property
     def weight(self) -> torch.Tensor:
@@ -127,11 +128,20 @@ class FusedLinear(nn.Module):
             return out.reshape(*x.shape[:-1], weight.shape[-1])
         return F.linear(x, weight, bias)
 
-    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(fusion coefficients, LoRA matrices)."""
-        coefs = [*self.coef_C, *self.coef_D, *[c for c in self.bias_coef if c.numel() > 0]]
+    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+        """(new fusion coefficients, coefficients settled by earlier rounds, LoRA matrices)."""
+
+        def coefs(ks):
+            return [p for k in ks for p in (self.coef_C[k], self.coef_D[k], self.bias_coef[k]) if p.numel() > 0]
+
+        new = coefs(range(self.num_settled, self.num_absorbed))
+        settled = coefs(range(self.num_settled))
         lora = [self.lora_A, self.lora_B] if self.lora_rank > 0 else []
-        return coefs, lora
+        return new, settled, lora
+
+    def settle(self) -> None:
+        """Mark every absorbed term as trained (called when a round ends)."""
+        self.num_settled = self.num_absorbed
 
     @torch.no_grad()
     def merge(self) -> nn.Module:

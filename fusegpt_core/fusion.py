@@ -76,21 +76,36 @@ def inject(
     return touched
 
 
-def group_trainable(model: nn.Module, targets: list[int]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(coefficients, LoRA + norm weights) of the target blocks, all set to require grad.
+def group_trainable(
+    model: nn.Module, targets: list[int]
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(new coefficients, coefficients settled by earlier rounds, LoRA + norm weights) of the
+    target blocks, all set to require grad.
 
-    Coefficients from earlier rounds in these blocks train again, as in the paper."""
+    Coefficients from earlier rounds train again, as in the paper; they are returned apart so
+    they can get a gentler learning rate: they start from trained values, and a fresh Adam's
+    first full-size steps on a trained C D product can undo it."""
     blocks = get_blocks(model)
-    coefs: list[nn.Parameter] = []
+    new: list[nn.Parameter] = []
+    settled: list[nn.Parameter] = []
     others: list[nn.Parameter] = []
     for t in targets:
         for layer in block_linears(model, blocks[t]).values():
             if isinstance(layer, FusedLinear):
-                c, lora = layer.trainable_parameters()
-                coefs += c
+                n, s, lora = layer.trainable_parameters()
+                new += n
+                settled += s
                 others += lora
         for norm in block_norms(model, blocks[t]):
             others += [p for p in norm.parameters()]
-    for p in coefs + others:
+    for p in new + settled + others:
         p.requires_grad_(True)
-    return coefs, others
+    return new, settled, others
+
+
+def settle_group(model: nn.Module, targets: list[int]) -> None:
+    blocks = get_blocks(model)
+    for t in targets:
+        for layer in block_linears(model, blocks[t]).values():
+            if isinstance(layer, FusedLinear):
+                layer.settle()

@@ -238,7 +238,7 @@ def resolve_source(source: str) -> tuple[str, str]:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # no terminal colour codes
     return text[0][:300] if text else type(error).__name__
 
 
@@ -476,6 +476,11 @@ def _load_pretrained(
     except torch.OutOfMemoryError as e:
         raise ModelLoadError(f"Not enough memory to load '{where}'; choose a smaller model or dtype.") from e
     except Exception as e:  # safetensors, pickle, GGUF and OS errors all mean: the files cannot be read
+        if "weights only load failed" in str(e).lower():
+            raise ModelLoadError(
+                f"Could not load the weights of '{where}': its pickled checkpoint holds Python objects besides "
+                "tensors, which could run code, so it was refused; use the model's safetensors files instead."
+            ) from e
         raise ModelLoadError(
             f"Could not load the weights of '{where}' ({_first_line(e)}); the files may be incomplete or "
             "corrupt: download or save them again."

@@ -24,7 +24,7 @@ from .distill import finetune, group_loss
 from .errors import Cancelled, PlanError, TrainingDiverged
 from .evaluate import decode_speed, drop_blocks, model_size, perplexity
 from .fused_linear import FusedLinear, fold_fused_linears
-from .fusion import check_targets, group_span, group_trainable, inject, plan_group
+from .fusion import check_targets, group_span, group_trainable, inject, plan_group, settle_group
 from .importance import lowest, score_blocks
 
 LOSS_PROBE_WINDOWS = 8  # calibration windows used for a round's loss before/after figures
@@ -321,11 +321,12 @@ def _train_round(
         remove_blocks(work, [p])
         new_targets = [t - 1 if t > p else t for t in targets]
         if recipe.method == "fusegpt":
-            coefs, others = group_trainable(work, new_targets)
+            coefs, settled, others = group_trainable(work, new_targets)
             lr_first = d.lr_coef
         else:  # drop+lora: the LoRA gets the coefficient budget (rank, learning rate)
             coefs = baselines.add_lora(work, new_targets, rank=max(f.coef_rank, f.lora_rank), seed=recipe.data.seed + r)
             others = baselines.norm_parameters(work, new_targets)
+            settled = []
             lr_first = d.lr_lora
         student = list(get_blocks(work))[lo:hi]
         # before/after figures on a fixed slice of the calibration windows (cheap, comparable)
@@ -347,6 +348,8 @@ def _train_round(
             betas=tuple(d.betas),
             grad_clip=d.grad_clip,
             divergence_factor=d.divergence_factor,
+            settled_params=settled,
+            lr_settled=d.lr_settled,
             seed=recipe.data.seed + r,
             on_step=lambda s, t, loss: ctx.emit(
                 "loss", f"round {r + 1} step {s}/{t}", s, t, round=r, loss=loss, removed=info["removed"]
@@ -355,6 +358,8 @@ def _train_round(
         )
         if recipe.method == "drop+lora":
             baselines.merge_lora(work)
+        else:
+            settle_group(work, new_targets)
         info["loss_after"] = group_loss(student, probe_in, probe_out, calib_inputs.kwargs, d.loss, d.batch_size)
         info["loss_first"] = result.losses[0] if result.losses else None
         info["loss_last"] = result.losses[-1] if result.losses else None

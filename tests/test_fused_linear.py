@@ -38,7 +38,8 @@ def test_effective_weight_formula_and_merge(conv1d):
     fused = FusedLinear(copy.deepcopy(base), lora_rank=3, conv1d=conv1d)
     fused.absorb(donor, coef_rank=4)
     fused.absorb(donor2, coef_rank=2)
-    coefs, lora = fused.trainable_parameters()
+    new, settled, lora = fused.trainable_parameters()
+    coefs = new + settled
     with torch.no_grad():
         for p in coefs + lora:
             p.add_(torch.randn_like(p) * 0.1)
@@ -69,9 +70,13 @@ def test_absorbing_a_fused_layer_uses_its_effective_weight():
 def test_only_coefficients_and_lora_train():
     fused = FusedLinear(_linear(False, 0), lora_rank=2)
     fused.absorb(_linear(False, 1), coef_rank=2)
-    coefs, lora = fused.trainable_parameters()
+    new, settled, lora = fused.trainable_parameters()
     assert not fused.base_layer.weight.requires_grad
-    assert len(coefs) == 3 and len(lora) == 2  # C, D, bias coefficient; LoRA A, B
+    assert len(new) == 3 and settled == [] and len(lora) == 2  # C, D, bias coefficient; LoRA A, B
+    fused.settle()
+    fused.absorb(_linear(False, 2), coef_rank=2)
+    new, settled, lora = fused.trainable_parameters()
+    assert len(new) == 3 and len(settled) == 3  # the first term's coefficients are settled now
     assert not any(p.requires_grad for p in fused.parameters())  # frozen until a round trains it
     names = {n for n, _ in fused.named_buffers()}
     assert "absorbed_weight_0" in names  # frozen, not a parameter

@@ -48,9 +48,9 @@ def test_trainable_set_is_coefficients_lora_and_norms():
     model = tiny_model("llama", 6)
     inject(model, 3, [1, 2, 4], coef_rank=2, lora_rank=2)
     remove_blocks(model, [3])
-    coefs, others = group_trainable(model, [1, 2, 3])
+    coefs, settled, others = group_trainable(model, [1, 2, 3])
     n_linears = 7 * 3
-    assert len(coefs) == 2 * n_linears  # C and D (Llama has no biases)
+    assert len(coefs) == 2 * n_linears and settled == []  # C and D (Llama has no biases)
     assert len(others) == 2 * n_linears + 2 * 3  # LoRA A, B + two norms per block
     trainable = {id(p) for p in coefs + others}
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in trainable]
