@@ -8,6 +8,7 @@ same source serves calibration and evaluation, the two texts come from disjoint 
 from __future__ import annotations
 
 import bz2
+import hashlib
 import html
 import importlib.util
 import json
@@ -522,6 +523,22 @@ def load_texts(
 # tokens
 
 
+_TOKEN_CACHE: dict[tuple[int, str], tuple[object, list[int]]] = {}
+_TOKEN_CACHE_SIZE = 4  # a few texts (calibration, evaluation, another genre) per process
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a whole text, remembered for the last few (tokenizer, text) pairs: the bundled
+    corpus takes seconds to tokenize and every run, preview and score needs it again."""
+    key = (id(tokenizer), hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest())
+    if key not in _TOKEN_CACHE:
+        if len(_TOKEN_CACHE) >= _TOKEN_CACHE_SIZE:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
+        # the tokenizer is kept in the entry so its id cannot be reused by another one meanwhile
+        _TOKEN_CACHE[key] = (tokenizer, tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return _TOKEN_CACHE[key][1]
+
+
 def token_windows(tokenizer, text: str, seq_len: int, n_windows: int | None, seed: int = 0) -> torch.LongTensor:
     """Cut `text` into non-overlapping windows of `seq_len` tokens -> LongTensor (n, seq_len).
 
@@ -535,7 +552,7 @@ def token_windows(tokenizer, text: str, seq_len: int, n_windows: int | None, see
         raise DataError(f"The sequence length must be at least 1 token, got {seq_len}.")
     if n_windows is not None and n_windows < 1:
         raise DataError(f"The number of windows must be at least 1, got {n_windows}.")
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # list[int], whole text
+    ids = _token_ids(tokenizer, text)  # list[int], whole text
     n_available = len(ids) // seq_len
     if n_available < 1:
         raise DataError(

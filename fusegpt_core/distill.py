@@ -74,7 +74,7 @@ def finetune(
     """Train the student `blocks` so that running them on `inputs` gives `targets`.
 
     inputs, targets: (n_windows, seq_len, hidden). A fresh Adam with two learning rates and a
-    cosine decay over all steps of this round, as in the paper. Raises TrainingDiverged when the
+    cosine decay over all steps of this round, as in the paper, after a one-epoch linear warm-up. Raises TrainingDiverged when the
     loss is NaN/inf or, after the first epoch, grows past `divergence_factor` x the first epoch's
     worst batch; Cancelled on stop.
     """
@@ -89,7 +89,12 @@ def finetune(
     n = inputs.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+    # linear warm-up over the first epoch, then cosine decay to zero: a fresh Adam takes full-size
+    # steps at once, which knocked trained LoRA/coefficient products off course in later rounds
+    warmup = max(1, min(steps_per_epoch, total // 4))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * s / max(total, 1)))
+    )
     generator = torch.Generator().manual_seed(seed)
     result = DistillResult()
     params = coef_params + other_params + settled_params
