@@ -9,6 +9,7 @@ through `ModelCache`: the pipeline never edits its input model, and every edit h
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import logging
 import os
@@ -16,10 +17,13 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fusegpt_core.errors import ModelLoadError
 
 from .jobs import FINISHED, JobRunner
 
@@ -46,6 +50,7 @@ class RunRecord:
     tokenizer: Any | None
     export_dir: Path | None = None
     zip_path: Path | None = None
+    created: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -111,11 +116,18 @@ class Session:
 
 
 class ModelCache:
-    """Loaded base models shared read-only across sessions, keyed by (source, device, dtype)."""
+    """Loaded base models shared read-only across sessions, keyed by (source, device, dtype).
 
-    def __init__(self, capacity: int = 2):
+    The newest `capacity` models stay cached for the next visitor. At most `max_loaded` different models are
+    alive at once, counting those that left the cache but a session still holds: a load beyond that first
+    drops cached models nobody uses, and is refused with a message when every one of them is in use."""
+
+    def __init__(self, capacity: int = 2, max_loaded: int = 3):
         self.capacity = capacity
+        self.max_loaded = max(max_loaded, capacity)
         self._items: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._alive: dict[tuple, weakref.ref] = {}  # every model handed out, while something holds it
+        self._loading: set[tuple] = set()
         self._lock = threading.Lock()
 
     def get(self, key: tuple, load: Callable[[], Any]) -> tuple[Any, bool]:
@@ -124,13 +136,58 @@ class ModelCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key], True
-        loaded = load()
+            ref = self._alive.get(key)
+            held = ref() if ref is not None else None
+            if held is not None:  # left the cache, but a session still uses it: share it again
+                self._remember(key, held)
+                return held, True
+            self._make_room()
+            self._loading.add(key)
+        try:
+            loaded = load()
+        finally:
+            with self._lock:
+                self._loading.discard(key)
         with self._lock:
-            self._items[key] = loaded
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self._remember(key, loaded)
         return loaded, False
+
+    def in_use(self) -> set[tuple]:
+        """Keys of the models alive now: cached, being loaded, or held by a session."""
+        with self._lock:
+            return self._in_use()
+
+    def _in_use(self) -> set[tuple]:
+        for k in [k for k, ref in self._alive.items() if ref() is None]:
+            del self._alive[k]
+        return set(self._alive) | set(self._items) | self._loading
+
+    def _make_room(self) -> None:
+        if len(self._in_use()) < self.max_loaded:
+            return
+        gc.collect()  # models released by ended sessions may sit in reference cycles
+        for k in list(self._items):  # least recently used first; a model a session holds stays alive
+            if len(self._in_use()) < self.max_loaded:
+                break
+            del self._items[k]
+            gc.collect()
+        in_use = self._in_use()
+        if len(in_use) >= self.max_loaded:
+            names = ", ".join(sorted(str(k[0]) for k in in_use))
+            raise ModelLoadError(
+                f"the server already holds {len(in_use)} models for its visitors ({names}), its limit; "
+                "use one of them (the bundled model is shared by everyone) or try again when other sessions end."
+            )
+
+    def _remember(self, key: tuple, loaded: Any) -> None:
+        self._items[key] = loaded
+        self._items.move_to_end(key)
+        try:
+            self._alive[key] = weakref.ref(loaded)
+        except TypeError:  # not weak-referenceable (tests cache plain values): counted while cached
+            pass
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:
@@ -247,6 +304,10 @@ class SessionRegistry:
         with self._lock:
             return len({id(s) for s in self._sessions.values()})
 
+    def all(self) -> list[Session]:
+        with self._lock:
+            return list({id(s): s for s in self._sessions.values()}.values())
+
 
 @dataclass
 class AppContext:
@@ -260,6 +321,8 @@ class AppContext:
     test_model: str | None
     windows: WindowCache = field(default_factory=WindowCache)
     keep_run_models: int = 3
+    max_run_models: int = 12
+    """Fused models kept in memory over all sessions together; the oldest runs give theirs up first."""
     autoload: bool = True
     """Load the default model when a page first opens (FUSEGPT_APP_AUTOLOAD=0 turns it off)."""
 
@@ -271,6 +334,20 @@ class AppContext:
         if live:
             return live[0]
         return snaps[-1] if snaps else None
+
+    def trim_run_models(self) -> int:
+        """Release the models of the oldest runs (of any session) beyond `max_run_models`; returns how many."""
+        held = sorted(
+            ((r.created, r.id, s, r) for s in self.sessions.all() for r in s.runs if r.model is not None),
+            key=lambda t: (t[0], t[1]),
+        )
+        released = 0
+        for _, _, session, record in held[: max(len(held) - self.max_run_models, 0)]:
+            with session.lock:
+                record.model = None
+            session.bump("runs", "export")
+            released += 1
+        return released
 
     def close(self) -> None:
         self.runner.shutdown()
@@ -305,11 +382,12 @@ def make_context(
     ctx = AppContext(
         runner=runner,
         sessions=sessions,
-        models=ModelCache(),
+        models=ModelCache(max_loaded=int(os.environ.get("FUSEGPT_MAX_MODELS", "3"))),
         precomputed=precomputed,
         prompts=prompts,
         test_model=test_model,
         autoload=os.environ.get("FUSEGPT_APP_AUTOLOAD", "1") != "0",
+        max_run_models=int(os.environ.get("FUSEGPT_MAX_RUN_MODELS", "12")),
     )
     if reaper:
         _start_reaper(sessions, period=min(30.0, max(grace_s / 2, 1.0)))

@@ -32,6 +32,7 @@ TEXT_KINDS = ("bundled corpus", "paste text", "upload a file", "hub dataset")
 HUB_DATASETS = ("wikitext2", "c4", "ptb")
 PLAN_MODES = ("pick blocks", "let MI choose")
 MAX_PENDING_PER_SESSION = 6
+MAX_UPLOAD = "20mb"
 
 
 def launch_kwargs() -> dict[str, Any]:
@@ -39,8 +40,15 @@ def launch_kwargs() -> dict[str, Any]:
     these in launch(), not in Blocks())."""
     css = (ASSETS / "style.css").read_text(encoding="utf-8") if (ASSETS / "style.css").exists() else None
     js = (ASSETS / "click_to_plan.js").read_text(encoding="utf-8") if (ASSETS / "click_to_plan.js").exists() else None
-    # run_history off: gradio would otherwise keep every call's inputs (a Hub token too) in the browser
-    return {"css": css, "js": js, "theme": gr.themes.Soft(), "run_history": False}
+    # run_history off: gradio would otherwise keep every call's inputs (a Hub token too) in the browser.
+    # max_file_size: gradio refuses bigger uploads before storing them (data.py reads at most 20 MB of text).
+    return {
+        "css": css,
+        "js": js,
+        "theme": gr.themes.Soft(),
+        "run_history": False,
+        "max_file_size": MAX_UPLOAD,
+    }
 
 
 def build_ui(app: AppContext | None = None) -> gr.Blocks:

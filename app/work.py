@@ -401,6 +401,7 @@ def do_run(
         ),
         keep_models=app.keep_run_models,
     )
+    app.trim_run_models()  # memory stays bounded however many sessions run at once
     return run_id
 
 
@@ -450,20 +451,26 @@ def do_export(session: Session, jc: JobContext, run_id: int) -> Path:
     record = session.run_by_id(run_id)
     if record is None:
         raise PlanError(f"run {run_id} is not in this session any more.")
-    if record.model is None:
-        raise PlanError(
-            f"the model of run {record.label} was released to save memory (only the newest runs are kept); "
-            "its recipe and report can still be downloaded, or run it again."
-        )
-    jc.stage("export", f"saving run {record.label} as a Hugging Face folder")
-    name = f"fused-run{record.id}-{record.method.replace('+', '-')}"
-    base = session.workdir / "exports"
-    base.mkdir(parents=True, exist_ok=True)
-    folder = export_model(record.model, record.tokenizer, safe_export_dir(base, name), record.report, overwrite=True)
-    jc.check()
-    jc.stage("zip", "zipping the folder for download")
-    zipped = zip_folder(folder)
-    record.export_dir, record.zip_path = folder, zipped
+    done = record.export_dir is not None and record.zip_path is not None
+    if done and record.export_dir.exists() and record.zip_path.exists():
+        zipped = record.zip_path  # exported before (folder and zip are written atomically): reused, not rewritten
+    else:
+        if record.model is None:
+            raise PlanError(
+                f"the model of run {record.label} was released to save memory (only the newest runs are kept); "
+                "its recipe and report can still be downloaded, or run it again."
+            )
+        jc.check()  # a stop pressed while the job waited in the queue: nothing is written
+        jc.stage("export", f"saving run {record.label} as a Hugging Face folder")
+        name = f"fused-run{record.id}-{record.method.replace('+', '-')}"
+        base = session.workdir / "exports"
+        base.mkdir(parents=True, exist_ok=True)
+        target = safe_export_dir(base, name)
+        folder = export_model(record.model, record.tokenizer, target, record.report, overwrite=True)
+        jc.check()
+        jc.stage("zip", "zipping the folder for download")
+        zipped = zip_folder(folder)
+        record.export_dir, record.zip_path = folder, zipped
     with session.lock:
         exports = session.exports if (session.exports or {}).get("run_id") == run_id else {"run_id": run_id}
         session.exports = {**exports, "zip": zipped}

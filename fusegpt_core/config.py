@@ -58,7 +58,7 @@ class DistillConfig:
     """Passes over the calibration windows per fusion round."""
     batch_size: int = 4
     """Windows per optimiser step."""
-    lr_coef: float = 3e-2
+    lr_coef: float = 1e-2
     """Learning rate of the fusion coefficients C, D (and bias coefficients)."""
     lr_lora: float = 1e-3
     """Learning rate of the LoRA matrices and the group's norm weights."""
@@ -315,7 +315,7 @@ def preset(name: str, **overrides: Any) -> Recipe:
         recipe = Recipe(
             data=DataConfig(seq_len=128, n_calib=32, n_score=4, n_eval=16),
             fusion=FusionConfig(coef_rank=32, lora_rank=16),
-            distill=DistillConfig(epochs=8, batch_size=4, lr_coef=3e-2, lr_lora=1e-3, loss="mse"),
+            distill=DistillConfig(epochs=8, batch_size=4, lr_coef=1e-2, lr_lora=1e-3, loss="mse"),
         )
     elif name == "tiny":  # for tests and a first look: seconds, not minutes
         recipe = Recipe(

@@ -149,8 +149,8 @@ def test_export_name_ok(tmp_path):
 
 def test_absorbability_aware_selection_picks_among_the_lowest(windows):
     from fusegpt_core.adapters import get_blocks as blocks_of
-    from fusegpt_core.fusion import plan_group
     from fusegpt_core.capture import capture_block_inputs
+    from fusegpt_core.fusion import plan_group
     from fusegpt_core.importance import score_blocks
     from fusegpt_core.pipeline import removal_error
 
