@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fusegpt_core.config import Recipe
+from fusegpt_core.config import Recipe, check_seq_len
 from fusegpt_core.errors import DataError, ModelLoadError, PlanError
 
 from .estimate import estimate_run
@@ -226,6 +226,7 @@ def do_importance(
 
     if not metrics:
         raise PlanError("choose at least one metric to compute.")
+    check_seq_len(seq_len, loaded.model.config, "tokens per window")
     jc.stage("data", "reading the calibration text")
     windows = read_windows(app, loaded.tokenizer, calib_source, seq_len, n_score, seed)
     jc.check()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import check_seq_len
 from .errors import FuseGPTError
 
 SOURCE_PREFIXES = ("bundled", "pydoc", "hf:", "text:", "file:")
@@ -86,6 +87,7 @@ def cmd_importance(args) -> int:
     if bad:
         raise FuseGPTError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)} or 'all'.")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    check_seq_len(args.seq_len, loaded.model.config, "--seq-len")
     source = text_source(args.eval_text)
     # scoring text: the calibration part of a built-in corpus, or the whole user text
     if source in ("bundled", "pydoc") or source.startswith("hf:"):
@@ -215,6 +217,7 @@ def cmd_evaluate(args) -> int:
     from .loading import load_model
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    check_seq_len(args.seq_len, loaded.model.config, "--seq-len")
     source = text_source(args.eval_text)
     _, text = load_texts(source, source, seed=args.seed)
     windows = token_windows(loaded.tokenizer, text, args.seq_len, None, seed=args.seed)[: args.windows]

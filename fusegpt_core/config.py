@@ -253,6 +253,15 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
         raise PlanError(f"{name} = {value!r} is not valid: expected {expected}.")
 
 
+def check_seq_len(seq_len: int, model_config, name: str = "data.seq_len") -> None:
+    """Refuse windows longer than the model's position table (GPT-2 and OPT would index past it)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and seq_len > limit:
+        raise PlanError(
+            f"{name} = {seq_len} is longer than the {limit} positions the model knows; choose at most {limit}."
+        )
+
+
 def validate_block_list(blocks: list[int], num_blocks: int) -> None:
     for b in blocks:
         if not isinstance(b, int) or not 0 <= b < num_blocks:

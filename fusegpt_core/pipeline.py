@@ -19,7 +19,7 @@ from torch import nn
 from . import baselines
 from .adapters import get_blocks, remove_blocks, set_blocks
 from .capture import BlockInputs, capture_block_inputs, run_blocks
-from .config import Recipe
+from .config import Recipe, check_seq_len
 from .distill import finetune, group_loss
 from .errors import Cancelled, PlanError, TrainingDiverged
 from .evaluate import decode_speed, drop_blocks, model_size, perplexity
@@ -114,6 +114,7 @@ def run(
     original = loaded.model
     n_before = len(get_blocks(original))
     recipe.validate(num_blocks=n_before)
+    check_seq_len(recipe.data.seq_len, original.config)
 
     ctx.stage("data", "preparing calibration and evaluation windows")
     calib, evals = windows if windows is not None else load_windows(recipe, loaded.tokenizer)

@@ -307,6 +307,12 @@ CASES: list[Case] = [
          app=lambda d: d.run(blocks=[2], **{"distill.divergence_factor": 0.5})),
     Case("plan: text window of 0 tokens", "plan", PlanError, "data.seq_len", _plan(**{"data.seq_len": 0}),
          cli=[*FUSE_TINY, "--set", "data.seq_len=0"], app=lambda d: d.run(blocks=[2], **{"data.seq_len": 0})),
+    Case("plan: window longer than the model's positions", "plan", PlanError, "longer than the 512 positions",
+         _plan(**{"data.seq_len": 1024}), cli=[*FUSE_TINY, "--set", "data.seq_len=1024"],
+         app=lambda d: d.run(blocks=[2], **{"data.seq_len": 1024})),
+    Case("text: importance window longer than the model's positions", "text", PlanError, "longer than the 512",
+         lambda env: _cli_importance_seq_len(env), cli=["importance", "--model", "{tiny}", "--eval-text", "{good}",
+         "--seq-len", "2048"], app=lambda d: d.importance("paste text", pasted=GOOD_TEXT, seq_len=2048)),
     # ---- recipe files ------------------------------------------------------------------------------------------
     Case("recipe: malformed JSON", "recipe", RecipeError, "is not valid JSON", _recipe("bad_json"),
          cli=["fuse", "--recipe", "{bad_json}", "--out", "{tmp}/out"]),
@@ -335,6 +341,12 @@ CASES: list[Case] = [
 ]  # fmt: skip
 
 APP_CASES = [c for c in CASES if c.app is not None]
+
+
+def _cli_importance_seq_len(env):
+    from fusegpt_core.config import check_seq_len
+
+    check_seq_len(2048, env["loaded"].model.config, "--seq-len")
 
 
 def _other_model_recipe(env):
@@ -662,5 +674,5 @@ def test_number_of_cases():
     paths = {"library": len(CASES), "command line": len(CLI_CASES), "app": len(APP_CASES)}
     print(f"\n{len(CASES)} bad-input cases: {by_group}; exercised through {paths}")
     assert len({c.name for c in CASES}) == len(CASES)
-    assert len(CASES) >= 45 and len(CLI_CASES) >= 40 and len(APP_CASES) >= 30
+    assert len(CASES) >= 55 and len(CLI_CASES) >= 50 and len(APP_CASES) >= 40
     assert set(by_group) == {"model", "text", "plan", "recipe"}
