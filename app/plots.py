@@ -69,6 +69,27 @@ def normalise(values: Sequence[float | None]) -> list[float | None]:
     return out
 
 
+def _rank_heatmap(
+    rows: Sequence[Sequence[float | None]], n: int, labels: list[str], colorbar_title: str, hovertemplate: str
+) -> go.Heatmap:
+    """One heatmap row per entry of `rows`, `n` block columns; colour is the rank within the row
+    (0..1), hover shows the raw value. Short rows are padded with blanks (removed blocks)."""
+    padded = [list(row) + [None] * (n - len(row)) for row in rows]
+    return go.Heatmap(
+        z=[normalise(row) for row in padded],
+        x=list(range(n)),
+        y=labels,
+        customdata=[[v if _finite(v) else float("nan") for v in row] for row in padded],
+        colorscale="Viridis",
+        zmin=0,
+        zmax=1,
+        xgap=1,
+        ygap=1,
+        colorbar=dict(title=dict(text=colorbar_title), tickvals=[0, 1], ticktext=["low", "high"], len=0.9),
+        hovertemplate=hovertemplate,
+    )
+
+
 def importance_heatmap(
     scores: dict[str, Sequence[float | None]],
     labels: dict[str, str] | None = None,
@@ -83,21 +104,13 @@ def importance_heatmap(
     labels = {**DEFAULT_LABELS, **(labels or {})}
     keys = list(scores)
     n = max(len(v) for v in scores.values())
-    z = [normalise(list(scores[k]) + [None] * (n - len(scores[k]))) for k in keys]
-    raw = [[v if _finite(v) else float("nan") for v in list(scores[k]) + [None] * (n - len(scores[k]))] for k in keys]
-    y = [labels.get(k, k) for k in keys]
+    rows = [scores[k] for k in keys]
     fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=list(range(n)),
-            y=y,
-            customdata=raw,
-            colorscale="Viridis",
-            zmin=0,
-            zmax=1,
-            xgap=1,
-            ygap=1,
-            colorbar=dict(title=dict(text="rank<br>in metric"), tickvals=[0, 1], ticktext=["low", "high"], len=0.9),
+        _rank_heatmap(
+            rows,
+            n,
+            [labels.get(k, k) for k in keys],
+            colorbar_title="rank<br>in metric",
             hovertemplate="block %{x}<br>%{y}: %{customdata:.4g}<br>rank %{z:.2f} (0 = least important)<extra></extra>",
         )
     )
@@ -154,24 +167,13 @@ def trajectory_heatmap(
     if not trajectory:
         return empty_figure(empty_message)
     n = max(len(r) for r in trajectory)
-    z, raw = [], []
-    for row in trajectory:
-        row = list(row) + [None] * (n - len(row))
-        z.append(normalise(row))
-        raw.append([v if _finite(v) else float("nan") for v in row])
     steps = [f"step {i + 1}" for i in range(len(trajectory))]
     fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=list(range(n)),
-            y=steps,
-            customdata=raw,
-            colorscale="Viridis",
-            zmin=0,
-            zmax=1,
-            xgap=1,
-            ygap=1,
-            colorbar=dict(title=dict(text="MI rank<br>in its step"), tickvals=[0, 1], ticktext=["low", "high"]),
+        _rank_heatmap(
+            trajectory,
+            n,
+            steps,
+            colorbar_title="MI rank<br>in its step",
             hovertemplate="%{y}, block %{x}<br>MI %{customdata:.4g}<extra></extra>",
         )
     )

@@ -68,7 +68,13 @@ KNOBS: tuple[Knob, ...] = (
     Knob("distill.batch_size", "Batch size", "int", "windows per optimiser step", minimum=1),
     Knob("distill.lr_coef", "Learning rate: coefficients", "float", "C, D (paper: 1e-3)"),
     Knob("distill.lr_lora", "Learning rate: LoRA + norms", "float", "(paper: 9.65e-6)"),
-    Knob("distill.loss", "Loss", "choice", "kl: the paper's, over the batch dimension", ("mse", "kl", "cosine")),
+    Knob(
+        "distill.loss",
+        "Loss",
+        "choice",
+        "kl: the paper's, over the batch dimension; token_mse: error relative to each token's norm",
+        ("mse", "token_mse", "kl", "cosine"),
+    ),
     Knob("distill.grad_clip", "Gradient clip", "float", "0 = off", minimum=0),
     Knob(
         "distill.divergence_factor",

@@ -25,22 +25,25 @@ from fusegpt_core.pipeline import load_windows, run  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--block", type=int, action="append", default=None)
-    ap.add_argument("--config", action="append", default=[""])
+    ap.add_argument("--config", action="append", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep_round.jsonl"))
     args = ap.parse_args()
     loaded = load_model("bundled")
     blocks = args.block or [17]
-    windows = None
-    for spec in args.config:
+    windows: dict[str, tuple] = {}  # data settings -> (calibration, evaluation) windows
+    for spec in args.config or [""]:
         overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in spec.split(";") if s)}
         recipe = preset("cpu-demo", blocks=blocks, **{"eval.measure_speed": False, **overrides})
-        if windows is None:
-            windows = load_windows(recipe, loaded.tokenizer)
+        data_key = json.dumps(recipe.to_dict()["data"], sort_keys=True)
+        if data_key not in windows:
+            windows[data_key] = load_windows(recipe, loaded.tokenizer)
         t0 = time.perf_counter()
-        r = run(recipe, loaded, windows=windows).report
+        r = run(recipe, loaded, windows=windows[data_key]).report
         row = {
             "config": overrides,
             "blocks": blocks,
+            "status": r["status"],  # "diverged": a round was rolled back, fewer blocks were removed
+            "removed": r["removed_blocks"],
             "dense": r["dense_ppl"],
             "dropped": r["dropped_ppl"],
             "fused": r["fused_ppl"],

@@ -20,7 +20,7 @@ from . import baselines
 from .adapters import get_blocks, remove_blocks, set_blocks
 from .capture import BlockInputs, capture_block_inputs, run_blocks
 from .config import Recipe, check_seq_len
-from .distill import finetune, group_loss
+from .distill import finetune, group_loss, token_mse_loss
 from .errors import Cancelled, PlanError, TrainingDiverged
 from .evaluate import decode_speed, drop_blocks, model_size, perplexity
 from .fused_linear import FusedLinear, fold_fused_linears
@@ -264,8 +264,9 @@ def _compress(
 
 @torch.no_grad()
 def removal_error(work: nn.Module, inputs: BlockInputs, p: int, targets: list[int], batch_size: int) -> float:
-    """Relative squared error of the group's output when block p is simply skipped:
-    ||student - teacher||^2 / ||teacher||^2 on the probe windows (comparable across depths)."""
+    """Relative squared error of the group's output when block p is simply skipped, per token
+    (||student_t - teacher_t||^2 / ||teacher_t||^2, averaged over the probe windows' tokens):
+    comparable across depths, and not ruled by the attention-sink token's huge activations."""
     lo, hi = group_span(p, targets)
     blocks = list(get_blocks(work))
     group_in = run_blocks(blocks[:lo], inputs.hidden[:LOSS_PROBE_WINDOWS], inputs.kwargs, batch_size)
@@ -273,7 +274,7 @@ def removal_error(work: nn.Module, inputs: BlockInputs, p: int, targets: list[in
     student = run_blocks(
         [b for i, b in enumerate(blocks[lo : hi + 1], lo) if i != p], group_in, inputs.kwargs, batch_size
     )
-    return ((student.float() - teacher.float()).pow(2).sum() / teacher.float().pow(2).sum()).item()
+    return token_mse_loss(student, teacher).item()
 
 
 def _most_absorbable(

@@ -117,3 +117,14 @@ def sample_text(n_chars: int = 20000, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(words), (n_chars // 4,), generator=g).tolist()
     return " ".join(words[i] for i in idx)[:n_chars]
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor in the state dict (names included): equal hashes mean equal weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

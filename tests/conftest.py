@@ -1,6 +1,9 @@
+import os
+
 import pytest
 import torch
 
+from fusegpt_core import loading
 from fusegpt_core.testing import sample_text, tiny_tokenizer
 
 
@@ -14,3 +17,21 @@ def windows(tokenizer):
     """(12, 64) token windows of deterministic filler text."""
     ids = tokenizer(sample_text(20000))["input_ids"]
     return torch.tensor(ids[: 12 * 64]).view(12, 64)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """Pretend the Hub is unreachable, and undo the offline switches the loaders flip."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", os.environ.get("HF_DATASETS_OFFLINE", "0"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    try:
+        import datasets.config
+
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
+    except ImportError:
+        pass

@@ -10,7 +10,6 @@ must be exactly as before). The last test counts the cases.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -31,7 +30,7 @@ from fusegpt_core.config import Recipe, preset
 from fusegpt_core.data import load_texts, token_windows
 from fusegpt_core.errors import DataError, FuseGPTError, ModelLoadError, PlanError, RecipeError
 from fusegpt_core.pipeline import run
-from fusegpt_core.testing import sample_text, tiny_loaded_model, tiny_model, tiny_tokenizer
+from fusegpt_core.testing import sample_text, state_hash, tiny_loaded_model, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_TEXT = "\n\n".join(sample_text(2500, seed=s) for s in range(6))  # ~15k tokens with the byte tokenizer
@@ -84,25 +83,17 @@ def _plan(**overrides) -> Callable[[dict], Any]:
 
     def go(env):
         loaded = env["loaded"]
-        before = _state_hash(loaded.model)
+        before = state_hash(loaded.model)
         try:
             run(preset("tiny", **overrides), loaded, windows=env["windows"])
         finally:
-            assert _state_hash(loaded.model) == before
+            assert state_hash(loaded.model) == before
 
     return go
 
 
 def _recipe(name: str) -> Callable[[dict], Any]:
     return lambda env: Recipe.from_file(env[name]).validate(num_blocks=6)
-
-
-def _state_hash(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -597,18 +588,14 @@ def test_command_line_process(case: Case, processes, env):
 @pytest.fixture(scope="module")
 def driver(env, tmp_path_factory):
     pytest.importorskip("gradio")
-    from app import work
-    from app.state import TEST_SOURCE, RunRecord, make_context
+    from app.state import RunRecord
+    from app.testing import loaded_session, tiny_context
     from app.ui import build_ui
 
-    ctx = make_context(test_model="tiny", reaper=False, root=tmp_path_factory.mktemp("app-sessions"), grace_s=600)
+    ctx = tiny_context(tmp_path_factory.mktemp("app-sessions"))
     d = AppDriver(build_ui(ctx), ctx)
     d.env = {k: v for k, v in env.items() if isinstance(v, str)}
-    session = d.session
-    job = ctx.runner.submit(work.make_load_job(ctx, session, TEST_SOURCE, None, None, False), owner=session.key,
-                            kind="load")  # fmt: skip
-    session.jobs.append(job)
-    assert ctx.runner.wait(job, timeout=120).status == "done"
+    session = loaded_session(ctx, d.session.key)
     shown = d.importance("paste text", pasted=GOOD_TEXT, seq_len=32)
     assert "finished" in shown, shown
     session.add_run(
@@ -623,7 +610,7 @@ def _session_snapshot(session) -> dict[str, Any]:
     """Everything a visitor has, compared by value (and the model by identity and weights)."""
     return {
         "loaded": id(session.loaded),
-        "weights": _state_hash(session.loaded.model),
+        "weights": state_hash(session.loaded.model),
         "blocks": len(session.loaded.model.model.layers),
         "model_info": dict(session.model_info),
         "importance": json.dumps(session.importance["scores"], sort_keys=True),

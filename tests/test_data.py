@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import bz2
-import os
 import time
 
 import pytest
 import torch
 
-from fusegpt_core import data, loading
+from fusegpt_core import data
 from fusegpt_core.errors import DataError
 
 
@@ -42,24 +41,6 @@ def corpus_cache(tmp_path_factory):
         patch.setenv("FUSEGPT_CACHE", str(folder))
         patch.setattr(data, "_articles_memo", {})
         yield folder
-
-
-@pytest.fixture
-def offline_hub(monkeypatch):
-    """Pretend the Hub is unreachable, and undo the offline switches the loader flips."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=2.0: False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", os.environ.get("HF_DATASETS_OFFLINE", "0"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
-    try:
-        import datasets.config
-
-        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
-        monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
-    except ImportError:
-        pass
 
 
 # ----------------------------------------------------------------------------------------------------------

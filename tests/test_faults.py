@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -33,19 +32,11 @@ from fusegpt_core.errors import Cancelled, ModelLoadError
 from fusegpt_core.evaluate import perplexity
 from fusegpt_core.export import ExportError, export_model, zip_folder
 from fusegpt_core.pipeline import run
-from fusegpt_core.testing import sample_text, tiny_loaded_model, tiny_model, tiny_tokenizer
+from fusegpt_core.testing import sample_text, state_hash, tiny_loaded_model, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "text:" + sample_text(30000)
 TOKEN = "hf_SECRETtoken0123456789abcdefXYZ"
-
-
-def _state_hash(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _siblings(folder: Path) -> list[str]:
@@ -59,27 +50,23 @@ def _siblings(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     pytest.importorskip("gradio")
-    from app.state import make_context
+    from app.testing import tiny_context
 
-    ctx = make_context(test_model="tiny", reaper=False, root=tmp_path_factory.mktemp("fault-sessions"), grace_s=600)
+    ctx = tiny_context(tmp_path_factory.mktemp("fault-sessions"))
     yield ctx
     ctx.close()
 
 
 def _do(app, session, fn, kind="job", timeout=180):
-    job = app.runner.submit(fn, owner=session.key, kind=kind)
-    session.jobs.append(job)
-    return app.runner.wait(job, timeout=timeout)
+    from app.testing import run_job
+
+    return run_job(app, session, fn, kind, timeout)
 
 
 def _loaded_session(app, key):
-    from app import work
-    from app.state import TEST_SOURCE
+    from app.testing import loaded_session
 
-    session = app.sessions.get(key)
-    snap = _do(app, session, work.make_load_job(app, session, TEST_SOURCE, None, None, False), "load")
-    assert snap.status == "done", snap.error
-    return session
+    return loaded_session(app, key)
 
 
 def _run(app, session, **overrides):
@@ -126,7 +113,7 @@ def test_a_stop_at_every_stage_leaves_the_original_usable(windows):
     stages = _stages_of_a_full_run(split)
     assert {s for s, _ in stages} >= {"data", "evaluate", "copy", "score", "fuse", "finetune", "fold", "speed"}
     loaded = tiny_loaded_model("llama", 6)
-    before, ppl_before = _state_hash(loaded.model), perplexity(loaded.model, windows[8:])
+    before, ppl_before = state_hash(loaded.model), perplexity(loaded.model, windows[8:])
     outcomes = {}
     for target in stages:
         counts: dict[str, int] = {}
@@ -146,7 +133,7 @@ def test_a_stop_at_every_stage_leaves_the_original_usable(windows):
             assert result.report["status"] == "done" and not result.report["partial"]
         except Cancelled:
             outcomes[target] = "cancelled"
-        assert _state_hash(loaded.model) == before, target
+        assert state_hash(loaded.model) == before, target
     assert perplexity(loaded.model, windows[8:]) == ppl_before
     print(f"\nstop at each of {len(stages)} stage events: {outcomes}")
     # everything up to the last perplexity is cancellable; only what follows it may finish
@@ -158,7 +145,7 @@ def test_a_stop_during_scoring_in_the_app(app):
     from app import work
 
     session = _loaded_session(app, "stop-scoring")
-    before_model, before_importance = _state_hash(session.loaded.model), session.importance
+    before_model, before_importance = state_hash(session.loaded.model), session.importance
     job = app.runner.submit(
         work.make_importance_job(
             app, session, calib_source=TEXT, metrics=["mi", "ppl"], seq_len=256, n_score=24, seed=0, use_cache=False
@@ -178,7 +165,7 @@ def test_a_stop_during_scoring_in_the_app(app):
     snap = app.runner.wait(job, timeout=60)
     assert snap.status == "cancelled", (snap.status, snap.error)
     assert session.importance is before_importance
-    assert _state_hash(session.loaded.model) == before_model
+    assert state_hash(session.loaded.model) == before_model
     _responsive(app, session)
 
 
@@ -242,7 +229,7 @@ def test_nan_loss_rolls_the_round_back_through_the_app(app, monkeypatch):
     from app import views, work
 
     session = _loaded_session(app, "nan")
-    base = _state_hash(session.loaded.model)
+    base = state_hash(session.loaded.model)
     steps_per_round = 2 * math.ceil(8 / 4)  # tiny preset: 2 epochs of 8 windows in batches of 4
     monkeypatch.setitem(distill.LOSSES, "mse", _NaNAfter(steps_per_round + 2))  # round 2, its second step
     snap = _run(app, session, blocks=[4, 1])
@@ -264,7 +251,7 @@ def test_nan_loss_rolls_the_round_back_through_the_app(app, monkeypatch):
     clean = session.runs[-1].model
     assert diverged.state_dict().keys() == clean.state_dict().keys()
     assert all(torch.equal(diverged.state_dict()[k], clean.state_dict()[k]) for k in clean.state_dict())
-    assert _state_hash(session.loaded.model) == base
+    assert state_hash(session.loaded.model) == base
 
     # an export of the partial run says so in its model card
     snap = _do(app, session, work.make_export_job(session, session.runs[-2].id), "export")

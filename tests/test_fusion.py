@@ -69,3 +69,24 @@ def test_removal_renumbers_layers_and_generation_with_cache_works(tokenizer):
     with_cache = model.generate(input_ids=ids, use_cache=True, **kw)
     without = model.generate(input_ids=ids, use_cache=False, **kw)
     assert torch.equal(with_cache, without)
+
+
+def test_losses_agree_on_zero_and_token_mse_is_not_ruled_by_one_huge_token():
+    from fusegpt_core.distill import LOSSES, kl_batch_loss, mse_loss, token_mse_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(4, 16, 8, generator=g)
+    for fn in LOSSES.values():
+        assert fn(teacher, teacher).abs().item() < 1e-5
+    noise = 0.1 * torch.randn(teacher.shape, generator=g)
+    # an attention-sink-like first token, 1000 x larger than the rest, with the same relative error
+    sink = teacher.clone()
+    sink[:, 0] *= 1000
+    noisy_sink = sink + noise * torch.where(torch.arange(16) == 0, 1000.0, 1.0)[None, :, None]
+    assert token_mse_loss(noisy_sink, sink).item() == pytest.approx(token_mse_loss(teacher + noise, teacher).item())
+    assert mse_loss(noisy_sink, sink).item() > 1000 * mse_loss(teacher + noise, teacher).item()
+    # relative: scaling both sides changes nothing
+    assert token_mse_loss(3 * (teacher + noise), 3 * teacher).item() == pytest.approx(
+        token_mse_loss(teacher + noise, teacher).item()
+    )
+    assert kl_batch_loss(teacher + noise, teacher).item() > 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 
@@ -64,17 +63,6 @@ def tiny_dir(tmp_path):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.fixture
-def offline_hub(monkeypatch):
-    """Pretend the Hub is unreachable, and undo the offline switches load_model flips."""
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=2.0: False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", os.environ.get("HF_DATASETS_OFFLINE", "0"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ def test_render_session_with_a_run(built):
         RunRecord(id=1, label="#1 fusegpt", method="fusegpt", report=report, model=None, tokenizer=None), keep_models=1
     )
     out = ui.render(session, {})
+    assert out[ui.remove_k]["maximum"] == 4  # 6 blocks: at least two must remain
     assert list(out[ui.compare_df]["model"]) == ["original", "dropped [4]", "#1 fusegpt"]
     assert "finished" in out[ui.run_header]
     assert out[ui.loss_plot].data[0].name == "round 1: block 4"

@@ -7,36 +7,23 @@ import torch
 
 from app import views, work
 from app.jobs import CANCELLED, DONE, FAILED
-from app.state import TEST_SOURCE, make_context
+from app.state import TEST_SOURCE
+from app.testing import loaded_session, run_job, tiny_context
 from fusegpt_core.config import preset
-from fusegpt_core.testing import sample_text
+from fusegpt_core.testing import sample_text, state_hash
 
 TEXT = "text:" + sample_text(30000)
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    ctx = make_context(test_model="tiny", reaper=False, root=tmp_path_factory.mktemp("sessions"), grace_s=60)
+    ctx = tiny_context(tmp_path_factory.mktemp("sessions"), grace_s=60)
     yield ctx
     ctx.close()
 
 
-def _do(app, session, make, kind="k", timeout=120):
-    job = app.runner.submit(make, owner=session.key, kind=kind)
-    session.jobs.append(job)
-    snap = app.runner.wait(job, timeout=timeout)
-    return snap
-
-
-def _loaded_session(app, key):
-    session = app.sessions.get(key)
-    snap = _do(app, session, work.make_load_job(app, session, TEST_SOURCE, None, None, False))
-    assert snap.status == DONE, snap.error
-    return session
-
-
-def _checksum(model):
-    return sum(float(p.double().sum()) for p in model.parameters())
+_do = run_job
+_loaded_session = loaded_session
 
 
 def test_flow_load_importance_preview_run_generate_export(app):
@@ -61,14 +48,14 @@ def test_flow_load_importance_preview_run_generate_export(app):
     assert snap.status == DONE, snap.error
     assert session.preview["dense"] > 0 and session.preview["dropped"] > 0
 
-    before = _checksum(session.loaded.model)
+    before = state_hash(session.loaded.model)
     recipe = preset("tiny", blocks=[5, 4], **{"data.calib_source": TEXT, "data.eval_source": TEXT})
     snap = _do(app, session, work.make_run_job(app, session, recipe), kind="run")
     assert snap.status == DONE, snap.error
     assert snap.live["rounds"] and snap.live["losses"]
     run = session.runs[-1]
     assert run.report["removed_blocks"] == [5, 4] and run.report["num_layers_after"] == 4
-    assert _checksum(session.loaded.model) == before  # the shared base model is untouched
+    assert state_hash(session.loaded.model) == before  # the shared base model is untouched
 
     table, _ = views.compare_views(session)
     assert list(table["model"]) == ["original", "dropped [5, 4]", "#1 fusegpt"]
@@ -87,7 +74,7 @@ def test_flow_load_importance_preview_run_generate_export(app):
 
 def test_stop_during_a_run_leaves_the_model_intact(app):
     session = _loaded_session(app, "stop")
-    before = _checksum(session.loaded.model)
+    before = state_hash(session.loaded.model)
     recipe = preset(
         "tiny", blocks=[1, 2, 3], **{"data.calib_source": TEXT, "data.eval_source": TEXT, "distill.epochs": 400}
     )
@@ -103,7 +90,7 @@ def test_stop_during_a_run_leaves_the_model_intact(app):
     snap = app.runner.wait(job, timeout=30)
     assert snap.status == CANCELLED
     assert session.runs == []
-    assert _checksum(session.loaded.model) == before
+    assert state_hash(session.loaded.model) == before
     assert len(list(session.loaded.model.model.layers)) == 6
 
 
