@@ -16,7 +16,7 @@ from typing import Any
 
 import gradio as gr
 
-from fusegpt_core.config import METHODS, PRESETS
+from fusegpt_core.config import METHODS, PRESETS, max_removable
 from fusegpt_core.errors import FuseGPTError, PlanError
 
 from . import explain, views, work
@@ -35,10 +35,10 @@ MAX_PENDING_PER_SESSION = 6
 MAX_UPLOAD = "20mb"
 
 
-def max_removable(n_blocks: int) -> int:
-    """The slider's top: at least two blocks must remain (one block cannot absorb all others); a
-    slider needs maximum > minimum, so never below 2 (the run explains the refusal then)."""
-    return max(n_blocks - 2, 2)
+def slider_max_remove(n_blocks: int) -> int:
+    """The "blocks to remove" slider's top: the core's limit, but never below 2 (a slider needs
+    maximum > minimum; a run beyond the limit explains the refusal)."""
+    return max(max_removable(n_blocks), 2)
 
 
 def launch_kwargs() -> dict[str, Any]:
@@ -203,7 +203,7 @@ class _UI:
         with gr.Row():
             self.plan_mode = gr.Radio(list(PLAN_MODES), value=PLAN_MODES[0], label="How to choose", elem_id="plan-mode")
             self.remove_k = gr.Slider(
-                1, max_removable(30), value=6, step=1, label="Blocks to remove", elem_id="remove-k"
+                1, slider_max_remove(30), value=6, step=1, label="Blocks to remove", elem_id="remove-k"
             )
             self.fill_btn = gr.Button("Tick MI's lowest blocks", elem_id="fill-btn")
         self.blocks_cb = gr.CheckboxGroup(
@@ -324,7 +324,7 @@ class _UI:
         if model_changed:
             out[self.model_df] = views.model_table(session)
             if n >= 2:  # a slider needs maximum > minimum (1)
-                out[self.remove_k] = gr.update(maximum=max_removable(n), value=max(n // 5, 1))
+                out[self.remove_k] = gr.update(maximum=slider_max_remove(n), value=max(n // 5, 1))
         importance_changed = changed("importance")
         plan_changed = changed("plan")
         if importance_changed:
@@ -348,7 +348,7 @@ class _UI:
             out[self.blocks_cb] = gr.update(choices=views.block_choices(session), value=chosen)
             out[self.plan_mode] = PLAN_MODES[1] if plan.get("mode") == "auto" else PLAN_MODES[0]
             if plan.get("mode") == "auto" and plan.get("remove"):
-                out[self.remove_k] = gr.update(maximum=max_removable(n), value=plan["remove"])
+                out[self.remove_k] = gr.update(maximum=slider_max_remove(n), value=plan["remove"])
             out[self.plan_md] = views.plan_summary(session)
             out[self.focus] = gr.update(choices=chosen, value=None)
             out[self.targets_cb] = gr.update(choices=views.block_choices(session), value=[])

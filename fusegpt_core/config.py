@@ -182,12 +182,12 @@ class Recipe:
         if count > num_blocks - 1:
             raise PlanError(
                 f"cannot remove {count} of {num_blocks} blocks: at least one block must remain "
-                f"(choose at most {max(num_blocks - 2, 0)})."
+                f"(choose at most {max_removable(num_blocks)})."
             )
         if count == num_blocks - 1:
             raise PlanError(
                 f"cannot remove {count} of {num_blocks} blocks: a single remaining block cannot absorb all the "
-                f"others (choose at most {max(num_blocks - 2, 0)})."
+                f"others (choose at most {max_removable(num_blocks)})."
             )
         if self.blocks is not None:
             validate_block_list(self.blocks, num_blocks)
@@ -252,6 +252,11 @@ def _number(value: Any) -> bool:
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
     if not ok:
         raise PlanError(f"{name} = {value!r} is not valid: expected {expected}.")
+
+
+def max_removable(num_blocks: int) -> int:
+    """The most blocks a run may remove: two must remain (a single block cannot absorb all others)."""
+    return max(num_blocks - 2, 0)
 
 
 def check_seq_len(seq_len: int, model_config, name: str = "data.seq_len") -> None:

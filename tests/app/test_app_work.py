@@ -22,17 +22,13 @@ def app(tmp_path_factory):
     ctx.close()
 
 
-_do = run_job
-_loaded_session = loaded_session
-
-
 def test_flow_load_importance_preview_run_generate_export(app):
-    session = _loaded_session(app, "flow")
+    session = loaded_session(app, "flow")
     info = session.model_info
     assert info["blocks"] == 6 and info["model_type"] == "llama" and info["block_seconds"] > 0
     assert session.importance is None  # no precomputed scores for the test model
 
-    snap = _do(
+    snap = run_job(
         app,
         session,
         work.make_importance_job(
@@ -44,13 +40,13 @@ def test_flow_load_importance_preview_run_generate_export(app):
     assert set(scores) == {"mi", "bi", "ppl"} and all(len(v) == 6 for v in scores.values())
     assert session.importance["agreement"].shape == (3, 3)
 
-    snap = _do(app, session, work.make_preview_job(app, session, [4, 5], TEXT, 32, 2, 0))
+    snap = run_job(app, session, work.make_preview_job(app, session, [4, 5], TEXT, 32, 2, 0))
     assert snap.status == DONE, snap.error
     assert session.preview["dense"] > 0 and session.preview["dropped"] > 0
 
     before = state_hash(session.loaded.model)
     recipe = preset("tiny", blocks=[5, 4], **{"data.calib_source": TEXT, "data.eval_source": TEXT})
-    snap = _do(app, session, work.make_run_job(app, session, recipe), kind="run")
+    snap = run_job(app, session, work.make_run_job(app, session, recipe), kind="run")
     assert snap.status == DONE, snap.error
     assert snap.live["rounds"] and snap.live["losses"]
     run = session.runs[-1]
@@ -60,20 +56,20 @@ def test_flow_load_importance_preview_run_generate_export(app):
     table, _ = views.compare_views(session)
     assert list(table["model"]) == ["original", "dropped [5, 4]", "#1 fusegpt"]
 
-    snap = _do(app, session, work.make_generate_job(session, "Hello", {"max_new_tokens": 4}))
+    snap = run_job(app, session, work.make_generate_job(session, "Hello", {"max_new_tokens": 4}))
     assert snap.status == DONE, snap.error
     assert [g["label"] for g in session.generations] == ["original", "#1 fusegpt"]
 
     recipe_path, report_path = work.write_recipe_files(session, run.id)
     assert '"blocks"' in recipe_path.read_text() and report_path.exists()
-    snap = _do(app, session, work.make_export_job(session, run.id))
+    snap = run_job(app, session, work.make_export_job(session, run.id))
     assert snap.status == DONE, snap.error
     names = zipfile.ZipFile(session.exports["zip"]).namelist()
     assert "config.json" in names and "model.safetensors" in names and "recipe.json" in names
 
 
 def test_stop_during_a_run_leaves_the_model_intact(app):
-    session = _loaded_session(app, "stop")
+    session = loaded_session(app, "stop")
     before = state_hash(session.loaded.model)
     recipe = preset(
         "tiny", blocks=[1, 2, 3], **{"data.calib_source": TEXT, "data.eval_source": TEXT, "distill.epochs": 400}
@@ -96,7 +92,7 @@ def test_stop_during_a_run_leaves_the_model_intact(app):
 
 def test_user_errors_fail_the_job_with_one_line(app):
     session = app.sessions.get("errors")
-    snap = _do(app, session, work.make_load_job(app, session, "/no/such/model", None, None, False))
+    snap = run_job(app, session, work.make_load_job(app, session, "/no/such/model", None, None, False))
     assert snap.status == FAILED and "No such file or folder" in snap.error
     with pytest.raises(Exception, match="no model is loaded"):
         work.make_preview_job(app, session, [1], TEXT, 32, 2, 0)
@@ -109,7 +105,7 @@ def test_user_errors_fail_the_job_with_one_line(app):
 def test_one_click_demo_job(app):
     session = app.sessions.get("demo")
     recipe = preset("tiny", model=TEST_SOURCE, **{"data.calib_source": TEXT, "data.eval_source": TEXT})
-    snap = _do(app, session, work.make_demo_job(app, session, recipe, "Hi", TEST_SOURCE), kind="demo", timeout=180)
+    snap = run_job(app, session, work.make_demo_job(app, session, recipe, "Hi", TEST_SOURCE), kind="demo", timeout=180)
     assert snap.status == DONE, snap.error
     assert session.importance and session.runs and session.generations
     assert session.plan["blocks"] == session.runs[0].report["removed_blocks"]
