@@ -11,6 +11,9 @@ from typing import Any
 from fusegpt_core.config import Recipe
 
 BACKWARD_FACTOR = 2.0  # a backward pass costs about twice a forward
+# every FuseGPT training step rebuilds each fused weight (W + B A + sum_k (C_k D_k) * W_k, and its
+# gradient): on 2 CPU cores about the work of a forward over this many tokens (SmolLM2, measured)
+REBUILD_TOKENS = 512
 
 
 def mi_pass_forwards(n_blocks: int, use_cache: bool) -> int:
@@ -40,9 +43,12 @@ def estimate_run(recipe: Recipe, n_blocks: int, block_seconds: float, timed_seq_
             score += (mi_pass_forwards(n_cur, recipe.use_prefix_cache) + extra * n_cur) * d.n_score * per_window
         if recipe.method in ("fusegpt", "drop+lora"):
             g = min(recipe.fusion.group_size, n_cur)
-            prefix = max(n_cur - g, 0) / 2  # on average half the blocks sit before the group
+            prefix = n_cur / 8  # group inputs continue from states saved every 1/8 of the depth
             teacher = (prefix + g) * d.n_calib
             student = (g - 1) * (1 + BACKWARD_FACTOR) * d.n_calib * recipe.distill.epochs
+            if recipe.method == "fusegpt":
+                steps = -(-d.n_calib // recipe.distill.batch_size) * recipe.distill.epochs
+                student += (g - 1) * steps * REBUILD_TOKENS / max(d.seq_len, 1)
             finetune += (teacher + student + 2 * g * d.n_calib) * per_window
     evaluate = (n_blocks + 2 * (n_blocks - k)) * d.n_eval * per_window * 1.2  # plus embeddings and the head
     speed = 0.0

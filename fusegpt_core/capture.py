@@ -103,3 +103,43 @@ def run_blocks(
             h = run_block(block, h, kwargs)
         outs.append(h)
     return torch.cat(outs) if outs else hidden[:0]
+
+
+class PrefixStates:
+    """Calibration hidden states at a few block boundaries of the CURRENT model.
+
+    A fusion round changes only blocks from its group's first block on, so the states before it
+    stay valid, and the next round's group input continues from the nearest saved boundary instead
+    of from the embeddings (the prefix was over half of a round's gradient-free passes). States are kept
+    every `stride` blocks while they fit in `max_bytes` (they are as large as the calibration set).
+    """
+
+    def __init__(self, inputs: BlockInputs, stride: int, max_bytes: int = 2 << 30):
+        self.inputs = inputs
+        self.stride = max(1, stride)
+        self.max_bytes = max_bytes
+        self.saved: dict[int, torch.Tensor] = {}  # block index -> states at that block's input
+
+    def at(
+        self,
+        blocks: list[nn.Module],
+        depth: int,
+        batch_size: int,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """States at the input of block `depth`, i.e. after blocks[:depth]; (n, seq, hidden)."""
+        start = max((d for d in self.saved if d <= depth), default=0)
+        hidden = self.saved.get(start, self.inputs.hidden)
+        while start < depth:
+            stop = min(depth, (start // self.stride + 1) * self.stride)
+            hidden = run_blocks(blocks[start:stop], hidden, self.inputs.kwargs, batch_size, should_stop)
+            start = stop
+            if start % self.stride == 0 and start not in self.saved:
+                used = sum(t.numel() * t.element_size() for t in self.saved.values())
+                if used + hidden.numel() * hidden.element_size() <= self.max_bytes:
+                    self.saved[start] = hidden
+        return hidden
+
+    def blocks_changed_from(self, depth: int) -> None:
+        """Blocks at `depth` and after changed (or moved): forget the states that depended on them."""
+        self.saved = {d: h for d, h in self.saved.items() if d <= depth}

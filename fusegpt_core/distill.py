@@ -84,8 +84,8 @@ def finetune(
 
     inputs, targets: (n_windows, seq_len, hidden). A fresh Adam with two learning rates and a
     cosine decay over all steps of this round, as in the paper, after a one-epoch linear warm-up. Raises TrainingDiverged when the
-    loss is NaN/inf or, after the first epoch, grows past `divergence_factor` x the first epoch's
-    worst batch; Cancelled on stop.
+    loss is NaN/inf or, after the warm-up, grows past `divergence_factor` x the warm-up's worst
+    batch; Cancelled on stop.
     """
     loss_fn = LOSSES[loss]
     settled_params = settled_params or []
@@ -122,14 +122,15 @@ def finetune(
                 value = loss_fn(h, targets[idx.to(targets.device)].to(h.device))
                 if not torch.isfinite(value):
                     raise TrainingDiverged(f"the fine-tuning loss became {value.item()} at step {step + 1}")
-                # explosion: compared with the worst batch of the first epoch, when the model had
-                # barely moved (batches differ a lot in difficulty, so the first batch alone is no reference)
-                if step >= steps_per_epoch:
-                    reference = max(result.losses[:steps_per_epoch])
+                # explosion: compared with the worst batch of the warm-up, when the model had barely
+                # moved (batches differ a lot in difficulty, so the first batch alone is no reference;
+                # the warm-up fits in the first epoch, so one-epoch rounds are guarded too)
+                if step >= warmup:
+                    reference = max(result.losses[:warmup])
                     if reference > 0 and value.item() > divergence_factor * reference:
                         raise TrainingDiverged(
                             f"the fine-tuning loss exploded to {value.item():.4g} "
-                            f"({value.item() / reference:.1f}x the first epoch's worst batch) at step {step + 1}"
+                            f"({value.item() / reference:.1f}x the warm-up's worst batch) at step {step + 1}"
                         )
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()

@@ -51,6 +51,9 @@ class FusedLinear(nn.Module):
         self.bias_coef = nn.ParameterList()  # each (bias_len,), zero-initialised
         self.num_absorbed = 0
         self.num_settled = 0  # absorbed terms whose coefficients a finished round already trained
+        # (state key, weight, bias) of the last frozen forward: on CPU, rebuilding W_eff costs about
+        # as much as a small batch's matmul, and scoring/teacher passes run frozen layers many times
+        self._frozen_cache: tuple | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -117,9 +120,26 @@ class FusedLinear(nn.Module):
             return None
         return (base_bias.float() + self.delta_bias()).to(base_bias.dtype)
 
+    def _state_key(self) -> tuple:
+        """Changes whenever anything W_eff depends on changes (an optimiser step or a load bumps a
+        parameter's version; moving the module changes its storage)."""
+        return (self.num_absorbed, tuple((p.data_ptr(), p._version) for p in self.parameters()))
+
+    def _weights_for_forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        frozen = not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        if not frozen or self.base_layer.weight.device.type != "cpu":
+            # training needs the graph; on GPUs the rebuild is cheap and memory is the scarce resource
+            self._frozen_cache = None
+            return self.effective_weight(), self.effective_bias()
+        key = self._state_key()
+        if self._frozen_cache is None or self._frozen_cache[0] != key:
+            with torch.no_grad():
+                self._frozen_cache = (key, self.effective_weight(), self.effective_bias())
+        return self._frozen_cache[1], self._frozen_cache[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.effective_weight().to(x.dtype)
-        bias = self.effective_bias()
+        weight, bias = self._weights_for_forward()
+        weight = weight.to(x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
         if self.conv1d:  # Conv1D: x (..., in) @ W (in, out) + b
             out = x.reshape(-1, x.shape[-1]) @ weight

@@ -87,3 +87,38 @@ def test_shape_mismatch_is_refused():
     fused = FusedLinear(nn.Linear(8, 12))
     with pytest.raises(ValueError):
         fused.absorb(nn.Linear(8, 10), coef_rank=2)
+
+
+def test_frozen_forward_reuses_the_weight_and_notices_every_change(monkeypatch):
+    fused = FusedLinear(_linear(False, 0), lora_rank=2)
+    fused.absorb(_linear(False, 1), coef_rank=2)
+    x = torch.randn(2, 3, 8)
+    builds = []
+    real = FusedLinear.effective_weight
+    monkeypatch.setattr(FusedLinear, "effective_weight", lambda self: builds.append(1) or real(self))
+
+    def fresh() -> torch.Tensor:  # the layer's output computed from scratch
+        return nn.functional.linear(x, real(fused), fused.effective_bias())
+
+    fused(x), fused(x)
+    assert len(builds) == 1  # frozen: built once, reused
+    with torch.no_grad():
+        fused.coef_C[0].normal_()  # an in-place change (as an optimiser step makes)
+    torch.testing.assert_close(fused(x), fresh())
+    fused.absorb(_linear(False, 2), coef_rank=2)  # a new term
+    with torch.no_grad():
+        fused.coef_C[1].normal_()
+    torch.testing.assert_close(fused(x), fresh())
+    fused.load_state_dict({k: v + 0.5 for k, v in fused.state_dict().items()})
+    torch.testing.assert_close(fused(x), fresh())
+
+    # training: no cache, gradients reach the coefficients; after the step the frozen output follows
+    new, _, lora = fused.trainable_parameters()
+    for p in new + lora:
+        p.requires_grad_(True)
+    fused(x).pow(2).sum().backward()
+    assert fused.coef_D[1].grad is not None and fused.coef_D[1].grad.abs().sum() > 0
+    torch.optim.SGD(new + lora, lr=0.1).step()
+    for p in new + lora:
+        p.requires_grad_(False)
+    torch.testing.assert_close(fused(x), fresh())

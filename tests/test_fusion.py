@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fusegpt_core.adapters import get_blocks, remove_blocks
+from fusegpt_core.capture import PrefixStates, capture_block_inputs, run_blocks
 from fusegpt_core.errors import PlanError
 from fusegpt_core.evaluate import drop_blocks
 from fusegpt_core.fused_linear import FusedLinear
@@ -90,3 +91,25 @@ def test_losses_agree_on_zero_and_token_mse_is_not_ruled_by_one_huge_token():
         token_mse_loss(teacher + noise, teacher).item()
     )
     assert kl_batch_loss(teacher + noise, teacher).item() > 0
+
+
+def test_prefix_states_match_a_full_pass_and_forget_what_a_round_changed():
+    model = tiny_model("llama", num_layers=8)
+    windows = torch.randint(0, 200, (3, 16))
+    inputs = capture_block_inputs(model, windows, batch_size=2)
+    prefix = PrefixStates(inputs, stride=2)
+    blocks = list(get_blocks(model))
+    torch.testing.assert_close(prefix.at(blocks, 5, 2), run_blocks(blocks[:5], inputs.hidden, inputs.kwargs))
+    assert sorted(prefix.saved) == [2, 4]  # boundaries passed on the way
+    # a round changes block 3 (and removes it): states after block 3 are stale, the ones before stay
+    with torch.no_grad():
+        blocks[3].mlp.down_proj.weight.mul_(3.0)
+    prefix.blocks_changed_from(3)
+    assert sorted(prefix.saved) == [2]
+    remove_blocks(model, [3])
+    blocks = list(get_blocks(model))
+    torch.testing.assert_close(prefix.at(blocks, 6, 2), run_blocks(blocks[:6], inputs.hidden, inputs.kwargs))
+    # the memory cap: nothing is kept when one state set does not fit
+    small = PrefixStates(inputs, stride=1, max_bytes=inputs.hidden.numel() * inputs.hidden.element_size() - 1)
+    small.at(blocks, 4, 2)
+    assert small.saved == {}

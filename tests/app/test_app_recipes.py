@@ -73,6 +73,15 @@ def test_estimate_grows_with_work():
     assert manual["stages"]["score"] == 0  # fixed blocks need no scoring
     assert mi_pass_forwards(4, True) == 4 + 6 and mi_pass_forwards(4, False) == 16
     assert "on this cpu" in estimate_text(small, "cpu")
+    # FuseGPT rebuilds its fused weights every step: smaller batches (more steps) cost more, LoRA does not
+    fine_tune = {
+        (method, batch): estimate_run(
+            preset("cpu-demo", blocks=[10, 11], method=method, **{"distill.batch_size": batch}), 30, 0.01, 128
+        )["stages"]["fine-tune"]
+        for method in ("fusegpt", "drop+lora")
+        for batch in (2, 4)
+    }
+    assert fine_tune["fusegpt", 2] > fine_tune["fusegpt", 4] > fine_tune["drop+lora", 4] == fine_tune["drop+lora", 2]
 
 
 def test_plan_groups_follow_the_core_window_on_remaining_blocks():
