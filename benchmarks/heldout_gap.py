@@ -11,7 +11,6 @@ Appends one JSON row per config to benchmarks/results/heldout_gap.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tuning_rows import emit_row, parse_overrides  # noqa: E402
 
 from fusegpt_core.adapters import get_blocks  # noqa: E402
 from fusegpt_core.capture import capture_block_inputs, run_blocks  # noqa: E402
@@ -51,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     loaded = load_model("bundled")
     for spec in args.config or [""]:
-        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in spec.split(";") if s)}
+        overrides = parse_overrides(spec)
         recipe = preset("cpu-demo", blocks=[BLOCK], **{"eval.measure_speed": False, **overrides})
         calib, evals = load_windows(recipe, loaded.tokenizer)
         t0 = time.perf_counter()
@@ -64,9 +65,7 @@ def main() -> None:
             "heldout_error": group_errors(loaded.model, result.model, evals),
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        emit_row(row, args.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tuning_rows import emit_row, parse_overrides  # noqa: E402
+
 from fusegpt_core.config import preset  # noqa: E402
 from fusegpt_core.loading import load_model  # noqa: E402
 from fusegpt_core.pipeline import load_windows, run  # noqa: E402
@@ -32,7 +34,7 @@ def main() -> None:
     blocks = args.block or [17]
     windows: dict[str, tuple] = {}  # data settings -> (calibration, evaluation) windows
     for spec in args.config or [""]:
-        overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in spec.split(";") if s)}
+        overrides = parse_overrides(spec)
         recipe = preset("cpu-demo", blocks=blocks, **{"eval.measure_speed": False, **overrides})
         data_key = json.dumps(recipe.to_dict()["data"], sort_keys=True)
         if data_key not in windows:
@@ -51,9 +53,7 @@ def main() -> None:
             "loss": [(x.get("loss_before"), x.get("loss_after")) for x in r["rounds"]],
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        emit_row(row, args.out)
 
 
 if __name__ == "__main__":
