@@ -11,9 +11,19 @@ from typing import Any
 from fusegpt_core.config import Recipe
 
 BACKWARD_FACTOR = 2.0  # a backward pass costs about twice a forward
-# every FuseGPT training step rebuilds each fused weight (W + B A + sum_k (C_k D_k) * W_k, and its
-# gradient): on 2 CPU cores about the work of a forward over this many tokens (SmolLM2, measured)
-REBUILD_TOKENS = 512
+# every FuseGPT training step rebuilds the training terms of each fused weight (C_k D_k * W_k, and
+# its gradient): on 2 CPU cores about the work of a forward over this many tokens per term (SmolLM2)
+REBUILD_TOKENS_PER_TERM = 256
+# when earlier rounds' coefficients train again, a group's blocks carry about half a term more per
+# earlier round (overlapping groups), up to three rounds back (the bundled model's six rounds, measured)
+EXTRA_TERMS_PER_ROUND, EXTRA_ROUNDS_MAX = 0.5, 3
+
+
+def terms_per_step(recipe: Recipe, round_index: int) -> float:
+    """Fused terms each group linear rebuilds per training step in round `round_index` (0-based)."""
+    if recipe.distill.lr_settled == 0:  # earlier rounds' terms stay frozen and folded
+        return 1.0
+    return 1.0 + EXTRA_TERMS_PER_ROUND * min(round_index, EXTRA_ROUNDS_MAX)
 
 
 def mi_pass_forwards(n_blocks: int, use_cache: bool) -> int:
@@ -48,7 +58,8 @@ def estimate_run(recipe: Recipe, n_blocks: int, block_seconds: float, timed_seq_
             student = (g - 1) * (1 + BACKWARD_FACTOR) * d.n_calib * recipe.distill.epochs
             if recipe.method == "fusegpt":
                 steps = -(-d.n_calib // recipe.distill.batch_size) * recipe.distill.epochs
-                student += (g - 1) * steps * REBUILD_TOKENS / max(d.seq_len, 1)
+                rebuild = terms_per_step(recipe, r) * REBUILD_TOKENS_PER_TERM
+                student += (g - 1) * steps * rebuild / max(d.seq_len, 1)
             finetune += (teacher + student + 2 * g * d.n_calib) * per_window
     evaluate = (n_blocks + 2 * (n_blocks - k)) * d.n_eval * per_window * 1.2  # plus embeddings and the head
     speed = 0.0

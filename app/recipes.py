@@ -25,6 +25,8 @@ class Knob:
     info: str = ""
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    optional: bool = False
+    """An empty field means None (the recipe's own default), not a mistake."""
 
 
 KNOBS: tuple[Knob, ...] = (
@@ -68,6 +70,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob("distill.batch_size", "Batch size", "int", "windows per optimiser step", minimum=1),
     Knob("distill.lr_coef", "Learning rate: coefficients", "float", "C, D (paper: 1e-3)"),
     Knob("distill.lr_lora", "Learning rate: LoRA + norms", "float", "(paper: 9.65e-6)"),
+    Knob(
+        "distill.lr_settled",
+        "Learning rate: earlier rounds' coefficients",
+        "float",
+        "when their group trains again (paper: 1e-3); 0 = frozen, faster on CPU; empty = the LoRA rate",
+        minimum=0,
+        optional=True,
+    ),
     Knob(
         "distill.loss",
         "Loss",
@@ -114,6 +124,8 @@ def _coerce(knob: Knob, value: Any) -> Any:
             raise PlanError(f"'{knob.label}' ({knob.key}) = {value} is not a whole number.")
         return int(as_float)
     if knob.kind == "float":
+        if knob.optional and (value is None or value == ""):
+            return None
         if value is None or value == "":
             raise PlanError(f"'{knob.label}' ({knob.key}) is empty: type a number.")
         return float(value)

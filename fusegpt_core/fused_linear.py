@@ -51,8 +51,7 @@ class FusedLinear(nn.Module):
         self.bias_coef = nn.ParameterList()  # each (bias_len,), zero-initialised
         self.num_absorbed = 0
         self.num_settled = 0  # absorbed terms whose coefficients a finished round already trained
-        # (state key, weight, bias) of the last frozen forward: on CPU, rebuilding W_eff costs about
-        # as much as a small batch's matmul, and scoring/teacher passes run frozen layers many times
+        # (key, weight, bias) of what _weights_for_forward last folded without a graph (CPU only)
         self._frozen_cache: tuple | None = None
 
     @property
@@ -90,11 +89,15 @@ class FusedLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """B A + sum_k (C_k D_k) * W_k, in fp32, shaped like the base weight."""
+        return self._delta(lora=True, terms=range(self.num_absorbed))
+
+    def _delta(self, lora: bool, terms) -> torch.Tensor:
+        """The LoRA product (when `lora`) plus the absorbed terms numbered in `terms`, in fp32."""
         base = self.base_layer.weight
         delta = torch.zeros(base.shape, device=base.device, dtype=torch.float32)
-        if self.lora_rank > 0:
+        if lora and self.lora_rank > 0:
             delta = delta + self.lora_B @ self.lora_A
-        for k in range(self.num_absorbed):
+        for k in terms:
             absorbed = getattr(self, f"absorbed_weight_{k}").float()
             delta = delta + (self.coef_C[k] @ self.coef_D[k]) * absorbed
         return delta
@@ -120,22 +123,48 @@ class FusedLinear(nn.Module):
             return None
         return (base_bias.float() + self.delta_bias()).to(base_bias.dtype)
 
-    def _state_key(self) -> tuple:
-        """Changes whenever anything W_eff depends on changes (an optimiser step or a load bumps a
-        parameter's version; moving the module changes its storage)."""
-        return (self.num_absorbed, tuple((p.data_ptr(), p._version) for p in self.parameters()))
-
     def _weights_for_forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        frozen = not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-        if not frozen or self.base_layer.weight.device.type != "cpu":
-            # training needs the graph; on GPUs the rebuild is cheap and memory is the scarce resource
+        """(weight, bias) to compute with. On CPU what cannot change during this call is folded
+        once and kept: rebuilding W_eff costs about as much as a small batch's matmuls, scoring and
+        teacher passes run frozen layers many times, and a round that leaves earlier rounds'
+        coefficients frozen (distill.lr_settled = 0) rebuilds only its new term at each step. On
+        GPUs the rebuild is cheap and memory is the scarce resource: nothing is kept."""
+        if self.base_layer.weight.device.type != "cpu":
             self._frozen_cache = None
             return self.effective_weight(), self.effective_bias()
-        key = self._state_key()
+        grad = torch.is_grad_enabled()
+        lora_trains = grad and any(p.requires_grad for p in self._lora_params())
+        training = [k for k in range(self.num_absorbed) if grad and any(p.requires_grad for p in self._term_params(k))]
+        if not lora_trains and not training:
+            return self._cached(list(self.parameters()), lambda: (self.effective_weight(), self.effective_bias()))
+        frozen = [k for k in range(self.num_absorbed) if k not in training]
+        depends_on = [self.base_layer.weight, *(p for k in frozen for p in self._term_params(k))]
+        if not lora_trains:
+            depends_on += self._lora_params()
+        # fp32: base + the frozen terms (+ the LoRA when it is frozen), then the training terms with a graph
+        fixed, _ = self._cached(
+            depends_on,
+            lambda: (self.base_layer.weight.float() + self._delta(lora=not lora_trains, terms=frozen), None),
+            tag=(tuple(training), lora_trains),
+        )
+        weight = fixed + self._delta(lora=lora_trains, terms=training)
+        return weight.to(self.base_layer.weight.dtype), self.effective_bias()
+
+    def _cached(self, depends_on: list[torch.Tensor], compute, tag: tuple = ()):
+        """compute()'s (weight, bias) without a graph, computed again only when a tensor it depends on
+        changed (an optimiser step or a load bumps a parameter's version; moving the module changes
+        its storage) or `tag` (which parts train) did."""
+        key = (tag, self.num_absorbed, tuple((t.data_ptr(), t._version) for t in depends_on))
         if self._frozen_cache is None or self._frozen_cache[0] != key:
             with torch.no_grad():
-                self._frozen_cache = (key, self.effective_weight(), self.effective_bias())
+                self._frozen_cache = (key, *compute())
         return self._frozen_cache[1], self._frozen_cache[2]
+
+    def _term_params(self, k: int) -> tuple[nn.Parameter, ...]:
+        return (self.coef_C[k], self.coef_D[k], self.bias_coef[k])
+
+    def _lora_params(self) -> tuple[nn.Parameter, ...]:
+        return (self.lora_A, self.lora_B) if self.lora_rank > 0 else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self._weights_for_forward()

@@ -77,14 +77,15 @@ def inject(
 
 
 def group_trainable(
-    model: nn.Module, targets: list[int]
+    model: nn.Module, targets: list[int], train_settled: bool = True
 ) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
     """(new coefficients, coefficients settled by earlier rounds, LoRA + norm weights) of the
     target blocks, all set to require grad.
 
     Coefficients from earlier rounds train again, as in the paper; they are returned apart so
     they can get a gentler learning rate: they start from trained values, and a fresh Adam's
-    first full-size steps on a trained C D product can undo it."""
+    first full-size steps on a trained C D product can undo it. With `train_settled` False they
+    stay frozen and the settled list is empty."""
     blocks = get_blocks(model)
     new: list[nn.Parameter] = []
     settled: list[nn.Parameter] = []
@@ -94,7 +95,7 @@ def group_trainable(
             if isinstance(layer, FusedLinear):
                 n, s, lora = layer.trainable_parameters()
                 new += n
-                settled += s
+                settled += s if train_settled else []
                 others += lora
         for norm in block_norms(model, blocks[t]):
             others += [p for p in norm.parameters()]

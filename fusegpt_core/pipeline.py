@@ -20,7 +20,7 @@ from . import baselines
 from .adapters import get_blocks, remove_blocks, set_blocks
 from .capture import BlockInputs, PrefixStates, capture_block_inputs, run_blocks
 from .config import Recipe, check_seq_len
-from .distill import finetune, group_loss, token_mse_loss
+from .distill import finetune, group_loss
 from .errors import Cancelled, PlanError, TrainingDiverged
 from .evaluate import decode_speed, drop_blocks, model_size, perplexity
 from .fused_linear import FusedLinear, fold_fused_linears
@@ -282,10 +282,8 @@ def removal_error(work: nn.Module, inputs: BlockInputs, p: int, targets: list[in
     blocks = list(get_blocks(work))
     group_in = run_blocks(blocks[:lo], inputs.hidden[:LOSS_PROBE_WINDOWS], inputs.kwargs, batch_size)
     teacher = run_blocks(blocks[lo : hi + 1], group_in, inputs.kwargs, batch_size)
-    student = run_blocks(
-        [b for i, b in enumerate(blocks[lo : hi + 1], lo) if i != p], group_in, inputs.kwargs, batch_size
-    )
-    return token_mse_loss(student, teacher).item()
+    student = [b for i, b in enumerate(blocks[lo : hi + 1], lo) if i != p]
+    return group_loss(student, group_in, teacher, inputs.kwargs, "token_mse", batch_size)
 
 
 def _most_absorbable(
@@ -335,7 +333,7 @@ def _train_round(
         remove_blocks(work, [p])
         new_targets = [t - 1 if t > p else t for t in targets]
         if recipe.method == "fusegpt":
-            coefs, settled, others = group_trainable(work, new_targets)
+            coefs, settled, others = group_trainable(work, new_targets, train_settled=d.lr_settled != 0)
             lr_first = d.lr_coef
         else:  # drop+lora: the LoRA gets the coefficient budget (rank, learning rate)
             coefs = baselines.add_lora(work, new_targets, rank=max(f.coef_rank, f.lora_rank), seed=recipe.data.seed + r)

@@ -52,6 +52,7 @@ def test_missing_recipe_file(tmp_path):
         ("distill.loss", "l1"),
         ("distill.lr_lora", 0),
         ("distill.lr_coef", -1.0),
+        ("distill.lr_settled", -1e-3),
         ("fusion.lora_rank", -2),
         ("distill.batch_size", 0),
         ("data.seq_len", 0),

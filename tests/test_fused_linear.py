@@ -122,3 +122,42 @@ def test_frozen_forward_reuses_the_weight_and_notices_every_change(monkeypatch):
     for p in new + lora:
         p.requires_grad_(False)
     torch.testing.assert_close(fused(x), fresh())
+
+
+def test_training_with_frozen_earlier_terms_folds_them_once_and_matches_the_plain_formula():
+    fused = FusedLinear(_linear(False, 0), lora_rank=2)
+    fused.absorb(_linear(False, 1), coef_rank=2)
+    fused.settle()
+    fused.absorb(_linear(False, 2), coef_rank=2)
+    with torch.no_grad():
+        for p in fused.parameters():
+            if p is not fused.base_layer.weight:
+                p.add_(torch.randn_like(p) * 0.1)
+    new, settled, lora = fused.trainable_parameters()
+    for p in new + lora:  # this round trains the new term and the LoRA; the first term stays frozen
+        p.requires_grad_(True)
+    x = torch.randn(2, 3, 8)
+
+    def plain_step() -> tuple[torch.Tensor, list[torch.Tensor]]:  # W_eff rebuilt from scratch
+        out = nn.functional.linear(x, fused.effective_weight(), fused.effective_bias())
+        grads = torch.autograd.grad(out.pow(2).sum(), new + lora)
+        return out.detach(), list(grads)
+
+    for _ in range(2):
+        out = fused(x)
+        grads = torch.autograd.grad(out.pow(2).sum(), new + lora)
+        expected, expected_grads = plain_step()
+        torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        folded = fused._frozen_cache[1]
+        with torch.no_grad():  # an optimiser step on what trains: the frozen part is kept
+            for p, g in zip(new + lora, grads):
+                p.sub_(0.01 * g)
+        fused(x)
+        assert fused._frozen_cache[1] is folded
+    assert all(not p.requires_grad for p in settled)
+    with torch.no_grad():
+        fused.coef_D[0].normal_()  # the frozen term changes after all: noticed
+    expected, _ = plain_step()
+    torch.testing.assert_close(fused(x).detach(), expected, rtol=1e-5, atol=1e-5)

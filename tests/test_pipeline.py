@@ -167,3 +167,26 @@ def test_absorbability_aware_selection_picks_among_the_lowest(windows):
     r = run(recipe, loaded, windows=(calib, windows[8:])).report
     assert r["removed_blocks"][0] == min(lowest3, key=lambda c: errors[c])
     assert len(blocks_of(loaded.model)) == 6
+
+
+@pytest.mark.parametrize("lr_settled, kept", [(0, True), (None, False)])
+def test_earlier_rounds_coefficients_stay_frozen_when_their_rate_is_zero(lr_settled, kept, windows, monkeypatch):
+    import fusegpt_core.pipeline as pipeline
+
+    real_finetune = pipeline.finetune
+    checked = []
+
+    def watching_finetune(blocks, *args, **kwargs):
+        layers = [m for b in blocks for m in b.modules() if isinstance(m, FusedLinear)]
+        settled = [p.detach().clone() for m in layers for p in m.trainable_parameters()[1]]
+        result = real_finetune(blocks, *args, **kwargs)
+        after = [p for m in layers for p in m.trainable_parameters()[1]]
+        if settled:
+            checked.append(all(torch.equal(a, b) for a, b in zip(settled, after)))
+        return result
+
+    monkeypatch.setattr(pipeline, "finetune", watching_finetune)
+    loaded = tiny_loaded_model("llama", 6)
+    recipe = preset("tiny", blocks=[2, 3], **{"distill.lr_settled": lr_settled})  # overlapping groups
+    r = run(recipe, loaded, windows=(windows[:8], windows[8:])).report
+    assert r["status"] == "done" and checked == [kept]

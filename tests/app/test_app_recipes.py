@@ -31,6 +31,18 @@ def test_knobs_cover_known_recipe_keys_and_round_trip():
     assert recipe.to_dict()["distill"] == preset("tiny").to_dict()["distill"]
 
 
+def test_earlier_coefficients_rate_knob_keeps_zero_and_empty_apart():
+    index = KNOB_KEYS.index("distill.lr_settled")
+    assert preset_values("cpu-demo")[index] == 0 and preset_values("tiny")[index] is None
+    for typed, expected in ((0, 0.0), ("", None), (None, None), (2e-3, 2e-3)):
+        knobs = preset_values("tiny")
+        knobs[index] = typed
+        assert _build({"mode": "manual", "blocks": [1]}, knobs=knobs).distill.lr_settled == expected
+    knobs[index] = -1
+    with pytest.raises(PlanError, match="lr_settled"):
+        _build({"mode": "manual", "blocks": [1]}, knobs=knobs)
+
+
 def test_manual_plan_keeps_order_and_custom_targets():
     recipe = _build({"mode": "manual", "blocks": [3, 1], "targets": {3: [2, 4], 5: [0]}}, num_blocks=6)
     assert recipe.blocks == [3, 1] and recipe.remove == 2
@@ -82,6 +94,9 @@ def test_estimate_grows_with_work():
         for batch in (2, 4)
     }
     assert fine_tune["fusegpt", 2] > fine_tune["fusegpt", 4] > fine_tune["drop+lora", 4] == fine_tune["drop+lora", 2]
+    # coefficients of earlier rounds left frozen are folded once, not rebuilt every step
+    six = {lr: estimate_run(preset("cpu-demo", **{"distill.lr_settled": lr}), 30, 0.01, 128) for lr in (0, None)}
+    assert six[0]["stages"]["fine-tune"] < six[None]["stages"]["fine-tune"]
 
 
 def test_plan_groups_follow_the_core_window_on_remaining_blocks():
