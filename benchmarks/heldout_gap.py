@@ -25,7 +25,7 @@ from tuning_rows import emit_row, parse_overrides  # noqa: E402
 from fusegpt_core.adapters import get_blocks  # noqa: E402
 from fusegpt_core.capture import capture_block_inputs, run_blocks  # noqa: E402
 from fusegpt_core.config import preset  # noqa: E402
-from fusegpt_core.distill import token_mse_loss  # noqa: E402
+from fusegpt_core.distill import group_loss  # noqa: E402
 from fusegpt_core.loading import load_model  # noqa: E402
 from fusegpt_core.pipeline import load_windows, run  # noqa: E402
 
@@ -40,9 +40,9 @@ def group_errors(original, fused, windows) -> tuple[float, float]:
     inputs = capture_block_inputs(original, windows, 8)
     group_in = run_blocks(before[: GROUP.start], inputs.hidden, inputs.kwargs)
     teacher = run_blocks(before[GROUP.start : GROUP.stop], group_in, inputs.kwargs)
-    dropped = run_blocks([before[i] for i in GROUP if i != BLOCK], group_in, inputs.kwargs)
-    student = run_blocks(after[GROUP.start : GROUP.stop - 1], group_in, inputs.kwargs)
-    return token_mse_loss(dropped, teacher).item(), token_mse_loss(student, teacher).item()
+    dropped = [before[i] for i in GROUP if i != BLOCK]
+    student = after[GROUP.start : GROUP.stop - 1]
+    return tuple(group_loss(g, group_in, teacher, inputs.kwargs, "token_mse", 8) for g in (dropped, student))
 
 
 def main() -> None:

@@ -84,8 +84,8 @@ def finetune(
 
     inputs, targets: (n_windows, seq_len, hidden). A fresh Adam with two learning rates and a
     cosine decay over all steps of this round, as in the paper, after a linear warm-up (one epoch,
-    at most a quarter of the steps). Raises TrainingDiverged when the loss is NaN/inf or, after the warm-up, grows past `divergence_factor` x the warm-up's worst
-    batch; Cancelled on stop.
+    at most a quarter of the steps). Raises TrainingDiverged when the loss is NaN/inf or, after
+    the warm-up, grows past `divergence_factor` x the warm-up's worst batch; Cancelled on stop.
     """
     loss_fn = LOSSES[loss]
     settled_params = settled_params or []

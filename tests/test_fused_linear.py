@@ -112,7 +112,7 @@ def test_frozen_forward_reuses_the_weight_and_notices_every_change(monkeypatch):
     fused.load_state_dict({k: v + 0.5 for k, v in fused.state_dict().items()})
     torch.testing.assert_close(fused(x), fresh())
 
-    # training: no cache, gradients reach the coefficients; after the step the frozen output follows
+    # training: gradients reach the coefficients; after the step the frozen output follows
     new, _, lora = fused.trainable_parameters()
     for p in new + lora:
         p.requires_grad_(True)
