@@ -90,7 +90,7 @@ KNOBS: tuple[Knob, ...] = (
         "distill.divergence_factor",
         "Roll back when loss grows by",
         "float",
-        "times its first value",
+        "times the warm-up's worst batch",
         minimum=1,
     ),
     Knob("eval.measure_speed", "Measure decode speed", "bool"),

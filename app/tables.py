@@ -162,7 +162,7 @@ def compare_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 rep.get("method", "?"),
                 rep.get("num_layers_after"),
                 rep.get("params_after"),
-                rep.get("fused_ppl"),
+                rep.get("result_ppl"),
                 latest.get("dense_ppl"),
                 rep.get("tokens_per_s_after"),
                 _bytes(run, "bytes_after"),

@@ -83,7 +83,7 @@ def main() -> None:
         out["example_run"] = {
             k: rep.get(k)
             for k in (
-                "method", "status", "dense_ppl", "dropped_ppl", "fused_ppl", "removed_blocks", "num_layers_before",
+                "method", "status", "dense_ppl", "dropped_ppl", "result_ppl", "removed_blocks", "num_layers_before",
                 "num_layers_after", "params_before", "params_after", "tokens_per_s_before", "tokens_per_s_after",
                 "rounds", "seconds", "recipe",
             )

@@ -38,11 +38,11 @@ def group_errors(original, fused, windows) -> tuple[float, float]:
     """(plain removal, fused) token-relative error of the group's output on `windows`."""
     before, after = list(get_blocks(original)), list(get_blocks(fused))
     inputs = capture_block_inputs(original, windows, 8)
-    group_in = run_blocks(before[: GROUP.start], inputs.hidden, inputs.kwargs)
-    teacher = run_blocks(before[GROUP.start : GROUP.stop], group_in, inputs.kwargs)
+    group_in = run_blocks(before[: GROUP.start], inputs.hidden, inputs.calls)
+    teacher = run_blocks(before[GROUP.start : GROUP.stop], group_in, inputs.calls)
     dropped = [before[i] for i in GROUP if i != BLOCK]
     student = after[GROUP.start : GROUP.stop - 1]
-    return tuple(group_loss(g, group_in, teacher, inputs.kwargs, "token_mse", 8) for g in (dropped, student))
+    return tuple(group_loss(g, group_in, teacher, inputs.calls, "token_mse", 8) for g in (dropped, student))
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
         row = {
             "config": overrides,
             "dropped_ppl": result.report["dropped_ppl"],
-            "fused_ppl": result.report["fused_ppl"],
+            "result_ppl": result.report["result_ppl"],
             "calibration_error": group_errors(loaded.model, result.model, calib[:8]),
             "heldout_error": group_errors(loaded.model, result.model, evals),
             "seconds": round(time.perf_counter() - t0, 1),

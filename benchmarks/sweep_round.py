@@ -48,8 +48,8 @@ def main() -> None:
             "removed": r["removed_blocks"],
             "dense": r["dense_ppl"],
             "dropped": r["dropped_ppl"],
-            "fused": r["fused_ppl"],
-            "recovered": (r["dropped_ppl"] - r["fused_ppl"]) / (r["dropped_ppl"] - r["dense_ppl"]),
+            "fused": r["result_ppl"],
+            "recovered": (r["dropped_ppl"] - r["result_ppl"]) / (r["dropped_ppl"] - r["dense_ppl"]),
             "loss": [(x.get("loss_before"), x.get("loss_after")) for x in r["rounds"]],
             "seconds": round(time.perf_counter() - t0, 1),
         }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .errors import ModelLoadError
@@ -47,10 +46,31 @@ _LLAMA = ArchAdapter(
     norms=("input_layernorm", "post_attention_layernorm"),
 )
 
+# Gemma-2/3: Llama's linears, two more norms around the MLP (Gemma-3 also normalises q and k);
+# sliding-window and full-attention blocks alternate (capture.py gives each kind its own mask)
+_GEMMA_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+_GEMMA2 = ArchAdapter(
+    family="gemma2", blocks="model.layers", final_norm="model.norm", linears=_LLAMA_LINEARS, norms=_GEMMA_NORMS
+)
+_GEMMA3 = ArchAdapter(
+    family="gemma3",
+    blocks="model.layers",
+    final_norm="model.norm",
+    linears=_LLAMA_LINEARS,
+    norms=(*_GEMMA_NORMS, "self_attn.q_norm", "self_attn.k_norm"),
+)
+
 ADAPTERS: dict[str, ArchAdapter] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,  # same layout; q/k/v carry biases, handled generically
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA3,
     "gpt2": ArchAdapter(
         family="gpt2",
         blocks="transformer.h",
@@ -166,19 +186,3 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
-
-
-def linear_weight_layout(adapter: ArchAdapter) -> str:
-    return "in_out" if adapter.conv1d else "out_in"
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-@torch.no_grad()
-def clone_blocks(blocks: list[nn.Module]) -> list[nn.Module]:
-    """Deep copies of blocks, for rolling a round back."""
-    import copy
-
-    return [copy.deepcopy(b) for b in blocks]

@@ -1,8 +1,13 @@
-"""Capture what the first block receives, and run blocks on captured states.
+"""Capture what the blocks receive, and run blocks on captured states.
 
-Recent transformers pass more than hidden states into each decoder layer (rotary
-`position_embeddings`, masks, cache positions). We capture the full call of block 0 once, with
-a pre-hook inside a context manager that always removes it, and reuse its kwargs for every block.
+A decoder layer gets more than hidden states: rotary `position_embeddings`, a causal mask, cache
+positions, passed as keywords by most families and positionally by some (GPT-2 passes its causal
+mask as the third positional argument). And not every block gets the same: where sliding-window
+and full-attention blocks alternate (Gemma-2/3, Qwen2 with mixed `layer_types`), each kind has its
+own mask (and Gemma-3 its own rotary table). So one forward of one window records the WHOLE call
+of every block, grouped by the block's attention kind; blocks of one kind must have received the
+same arguments, or capture refuses the model. `run_block` then calls each block with its kind's
+arguments, wherever the block has moved to.
 """
 
 from __future__ import annotations
@@ -18,53 +23,135 @@ from torch import nn
 from .adapters import get_blocks
 from .errors import Cancelled
 
+_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
 
 class _StopForward(Exception):
     """Raised by the capture hook to skip the rest of the model; never leaves this module."""
 
 
 @dataclass
+class BlockCall:
+    """Everything a block call receives besides the hidden states, captured with batch 1 so that
+    each tensor broadcasts to any batch: masks (1, 1, seq, seq), cos/sin (1, seq, head_dim)."""
+
+    args: tuple
+    """Positional arguments after the hidden states."""
+    kwargs: dict[str, Any]
+
+
+def attention_kind(block: nn.Module) -> str | None:
+    """The block's attention kind ('sliding_attention', 'full_attention') where its modules carry
+    one (transformers sets `layer_type` on the attention from `config.layer_types`), else None."""
+    for module in block.modules():
+        kind = getattr(module, "layer_type", None)
+        if isinstance(kind, str):
+            return kind
+    return None
+
+
+class BlockCalls:
+    """The call arguments of each attention kind of block (one kind for most models)."""
+
+    def __init__(self, by_kind: dict[str | None, BlockCall]):
+        self.by_kind = by_kind
+
+    def for_block(self, block: nn.Module) -> BlockCall:
+        kind = attention_kind(block)
+        if kind not in self.by_kind:
+            raise RuntimeError(f"no captured call for blocks of attention kind {kind!r}")
+        return self.by_kind[kind]
+
+
+@dataclass
 class BlockInputs:
     hidden: torch.Tensor
     """(n_windows, seq_len, hidden) input of block 0 for every window."""
-    kwargs: dict[str, Any]
-    """Keyword arguments of a block call, captured with batch 1 so they broadcast to any batch."""
+    calls: BlockCalls
+    """The rest of each block's call."""
+
+
+def _without_cache(call: BlockCall) -> BlockCall:
+    """No KV cache inside captured calls: blocks are re-run many times on the same positions."""
+    from transformers.cache_utils import Cache
+
+    args = tuple(None if isinstance(a, Cache) else a for a in call.args)
+    kwargs = {k: (None if k in _CACHE_KEYS or isinstance(v, Cache) else v) for k, v in call.kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return BlockCall(args, kwargs)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and (a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+def _same_call(a: BlockCall, b: BlockCall) -> bool:
+    return _same_value(a.args, b.args) and _same_value(a.kwargs, b.kwargs)
 
 
 @contextmanager
-def _capture_first_block(model: nn.Module, store: dict[str, Any]):
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        store["hidden"] = hidden.detach()
-        store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+def _record_calls(blocks: list[nn.Module], store: list, stop_after_first: bool):
+    """Pre-hooks that append (block index, hidden, BlockCall) for each block call; always removed."""
 
-    handle = get_blocks(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            store.append((index, hidden.detach(), BlockCall(tuple(args[1:]), rest)))
+            if stop_after_first:
+                raise _StopForward
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
-def _call_until_first_block(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
-    store: dict[str, Any] = {}
-    with _capture_first_block(model, store):
+def _forward(model: nn.Module, input_ids: torch.Tensor, blocks: list[nn.Module], stop_after_first: bool) -> list:
+    store: list = []
+    with _record_calls(blocks[:1] if stop_after_first else blocks, store, stop_after_first):
         try:
             model(input_ids=input_ids, use_cache=False)
         except _StopForward:
             pass
-    if "hidden" not in store:
+    if not store:
         raise RuntimeError("the capture hook on block 0 never fired: the model's forward skipped its blocks")
     return store
 
 
-def block_kwargs_for(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = dict(kwargs)
-    out["use_cache"] = False
-    for key in ("past_key_values", "past_key_value", "layer_past", "cache"):
-        if key in out:
-            out[key] = None
-    return out
+def capture_calls(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, BlockCalls]:
+    """One forward of `input_ids` (1, seq): (block 0's input (1, seq, hidden), the calls by kind)."""
+    blocks = list(get_blocks(model))
+    store = _forward(model, input_ids, blocks, stop_after_first=False)
+    if len(store) != len(blocks):
+        raise RuntimeError(f"the model's forward called {len(store)} of its {len(blocks)} blocks")
+    by_kind: dict[str | None, BlockCall] = {}
+    for index, _, call in store:
+        kind = attention_kind(blocks[index])
+        call = _without_cache(call)
+        if kind not in by_kind:
+            by_kind[kind] = call
+        elif not _same_call(by_kind[kind], call):
+            raise RuntimeError(
+                f"blocks of one attention kind ({kind or 'the only kind'}) received different arguments "
+                f"(block {index} differs): this architecture needs per-block calls, which are not supported."
+            )
+    return store[0][1], BlockCalls(by_kind)
 
 
 @torch.no_grad()
@@ -72,35 +159,37 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     """windows: (n, seq_len) token ids -> BlockInputs on the model's device."""
     device = next(model.parameters()).device
     windows = windows.to(device)
-    first = _call_until_first_block(model, windows[:1])
-    hidden = [first["hidden"]]
+    first, calls = capture_calls(model, windows[:1])
+    blocks = list(get_blocks(model))
+    hidden = [first]  # each (batch, seq, hidden)
     for start in range(1, windows.shape[0], batch_size):
-        hidden.append(_call_until_first_block(model, windows[start : start + batch_size])["hidden"])
-    return BlockInputs(hidden=torch.cat(hidden), kwargs=block_kwargs_for(first["kwargs"]))
+        hidden.append(_forward(model, windows[start : start + batch_size], blocks, stop_after_first=True)[0][1])
+    return BlockInputs(hidden=torch.cat(hidden), calls=calls)
 
 
-def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+def run_block(block: nn.Module, hidden: torch.Tensor, calls: BlockCalls) -> torch.Tensor:
     """One block call; layers return a tensor or a tuple whose first item is the hidden state."""
-    out = block(hidden, **kwargs)
+    call = calls.for_block(block)
+    out = block(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def run_blocks(
     blocks: Iterable[nn.Module],
     hidden: torch.Tensor,
-    kwargs: dict[str, Any],
+    calls: BlockCalls,
     batch_size: int = 8,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Run blocks in order over all windows, a batch at a time. hidden: (n, seq, hidden)."""
     blocks = list(blocks)
-    outs = []
+    outs = []  # each (batch, seq, hidden)
     for start in range(0, hidden.shape[0], batch_size):
         if should_stop is not None and should_stop():
             raise Cancelled("stopped by the user")
         h = hidden[start : start + batch_size]
         for block in blocks:
-            h = run_block(block, h, kwargs)
+            h = run_block(block, h, calls)
         outs.append(h)
     return torch.cat(outs) if outs else hidden[:0]
 
@@ -132,7 +221,7 @@ class PrefixStates:
         hidden = self.saved.get(start, self.inputs.hidden)
         while start < depth:
             stop = min(depth, (start // self.stride + 1) * self.stride)
-            hidden = run_blocks(blocks[start:stop], hidden, self.inputs.kwargs, batch_size, should_stop)
+            hidden = run_blocks(blocks[start:stop], hidden, self.inputs.calls, batch_size, should_stop)
             start = stop
             if start % self.stride == 0 and start not in self.saved:
                 used = sum(t.numel() * t.element_size() for t in self.saved.values())

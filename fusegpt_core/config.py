@@ -74,7 +74,8 @@ class DistillConfig:
     grad_clip: float = 1.0
     """Gradient norm clip; 0 turns it off."""
     divergence_factor: float = 10.0
-    """Roll the round back when the loss exceeds this many times its first value (or is NaN)."""
+    """Roll the round back when, after the warm-up, a batch's loss exceeds this many times the
+    warm-up's worst batch (or the loss is NaN or infinite)."""
 
 
 @dataclass
@@ -140,6 +141,14 @@ class Recipe:
             "a whole number of at least 0",
         )
         _check(self.fusion.group_size >= 2, "fusion.group_size", self.fusion.group_size, "at least 2")
+        if self.distill.loss == "kl":  # a softmax over a batch of one window is 1: the loss would be 0
+            _check(
+                self.distill.batch_size >= 2,
+                "distill.batch_size",
+                self.distill.batch_size,
+                "at least 2 for the kl loss",
+            )
+            _check(self.data.n_calib >= 2, "data.n_calib", self.data.n_calib, "at least 2 for the kl loss")
         rates = [("distill.lr_coef", self.distill.lr_coef), ("distill.lr_lora", self.distill.lr_lora)]
         if self.distill.lr_settled not in (None, 0):  # 0: earlier rounds' coefficients stay frozen
             rates.append(("distill.lr_settled", self.distill.lr_settled))

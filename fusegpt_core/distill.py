@@ -6,19 +6,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import run_block
-from .errors import Cancelled, TrainingDiverged
+from .capture import BlockCalls, run_block
+from .errors import Cancelled, PlanError, TrainingDiverged
+
+# Every loss takes student and teacher hidden states (batch, seq, hidden) and returns a scalar.
 
 
 def kl_batch_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The reference loss: KL(teacher || student) with the softmax over the BATCH dimension (dim 0),
-    per (token, channel) position, 'batchmean' reduction. Depends on the batch size."""
+    per (token, channel) position, 'batchmean' reduction. Depends on the batch size, and is 0 for a
+    batch of one window (see min_batch)."""
     return F.kl_div(
         F.log_softmax(student.float(), dim=0),
         F.log_softmax(teacher.float(), dim=0),
@@ -36,7 +38,7 @@ def token_mse_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     tokens. Plain MSE is ruled by the attention-sink token: after SmolLM2's block 11 the first token
     of a window has 10^4 x the others' mean square, over 98% of the MSE (benchmarks/sink_share.py)."""
     s, t = student.float(), teacher.float()
-    return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)).mean()
+    return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-6)).mean()  # per-token ratios (batch, seq)
 
 
 def cosine_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,46 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+def min_batch(loss: str) -> int:
+    """Fewest windows a batch of `loss` needs: the KL's softmax over a batch of one window is 1, so
+    its loss (and gradient) would be exactly zero."""
+    return 2 if loss == "kl" else 1
+
+
+def batch_bounds(n: int, batch_size: int, smallest: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive batches over n windows. A last batch under `smallest` windows
+    joins the batch before it (one batch of batch_size + 1 windows) instead of being a step alone."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < smallest:
+        (start, _), (_, stop) = bounds[-2], bounds.pop()
+        bounds[-1] = (start, stop)
+    return bounds
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`: a fresh Adam takes
+    full-size steps at once, which knocked trained LoRA/coefficient products off course in later rounds."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * s / max(total, 1)))
+    )
+
+
+def check_divergence(value: torch.Tensor, step: int, warmup_losses: list[float] | None, factor: float) -> None:
+    """Raise TrainingDiverged when the loss is NaN/inf, or exceeds `factor` x the worst batch of the
+    warm-up (`warmup_losses`, None while still warming up). The warm-up's worst batch is the reference
+    because the model had barely moved then, and batches differ a lot in difficulty (the first batch
+    alone is no reference); the warm-up fits in the first epoch, so one-epoch rounds are guarded too."""
+    if not torch.isfinite(value):
+        raise TrainingDiverged(f"the fine-tuning loss became {value.item()} at step {step + 1}")
+    if warmup_losses:
+        reference = max(warmup_losses)
+        if reference > 0 and value.item() > factor * reference:
+            raise TrainingDiverged(
+                f"the fine-tuning loss exploded to {value.item():.4g} "
+                f"({value.item() / reference:.1f}x the warm-up's worst batch) at step {step + 1}"
+            )
+
+
 @dataclass
 class DistillResult:
     losses: list[float] = field(default_factory=list)
@@ -62,7 +104,7 @@ def finetune(
     blocks: list[nn.Module],
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    kwargs: dict[str, Any],
+    calls: BlockCalls,
     coef_params: list[nn.Parameter],
     other_params: list[nn.Parameter],
     *,
@@ -96,14 +138,12 @@ def finetune(
         groups.append({"params": settled_params, "lr": lr_settled if lr_settled is not None else lr_other})
     optimizer = torch.optim.Adam(groups, betas=betas, foreach=True)
     n = inputs.shape[0]
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    # linear warm-up over the first epoch, then cosine decay to zero: a fresh Adam takes full-size
-    # steps at once, which knocked trained LoRA/coefficient products off course in later rounds
-    warmup = max(1, min(steps_per_epoch, total // 4))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * s / max(total, 1)))
-    )
+    if n < min_batch(loss):
+        raise PlanError(f"the '{loss}' loss needs at least {min_batch(loss)} calibration windows, got {n}.")
+    bounds = batch_bounds(n, batch_size, min_batch(loss))
+    total = epochs * len(bounds)
+    warmup = max(1, min(len(bounds), total // 4))
+    scheduler = warmup_cosine(optimizer, warmup, total)
     generator = torch.Generator().manual_seed(seed)
     result = DistillResult()
     params = coef_params + other_params + settled_params
@@ -112,26 +152,15 @@ def finetune(
         step = 0
         for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
-            for start in range(0, n, batch_size):
+            for start, stop in bounds:
                 if should_stop is not None and should_stop():
                     raise Cancelled("stopped by the user during group fine-tuning")
-                idx = order[start : start + batch_size]
-                h = inputs[idx.to(inputs.device)]
+                idx = order[start:stop]
+                h = inputs[idx.to(inputs.device)]  # (batch, seq, hidden)
                 for block in blocks:
-                    h = run_block(block, h, kwargs)
+                    h = run_block(block, h, calls)
                 value = loss_fn(h, targets[idx.to(targets.device)].to(h.device))
-                if not torch.isfinite(value):
-                    raise TrainingDiverged(f"the fine-tuning loss became {value.item()} at step {step + 1}")
-                # explosion: compared with the worst batch of the warm-up, when the model had barely
-                # moved (batches differ a lot in difficulty, so the first batch alone is no reference;
-                # the warm-up fits in the first epoch, so one-epoch rounds are guarded too)
-                if step >= warmup:
-                    reference = max(result.losses[:warmup])
-                    if reference > 0 and value.item() > divergence_factor * reference:
-                        raise TrainingDiverged(
-                            f"the fine-tuning loss exploded to {value.item():.4g} "
-                            f"({value.item() / reference:.1f}x the warm-up's worst batch) at step {step + 1}"
-                        )
+                check_divergence(value, step, result.losses[:warmup] if step >= warmup else None, divergence_factor)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 if grad_clip > 0:
@@ -155,17 +184,17 @@ def group_loss(
     blocks: list[nn.Module],
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    kwargs: dict[str, Any],
+    calls: BlockCalls,
     loss: str,
     batch_size: int,
 ) -> float:
     """Mean loss of `blocks` on all windows, without training (for before/after figures)."""
     loss_fn = LOSSES[loss]
     total, count = 0.0, 0
-    for start in range(0, inputs.shape[0], batch_size):
-        h = inputs[start : start + batch_size]
+    for start, stop in batch_bounds(inputs.shape[0], batch_size, min_batch(loss)):
+        h = inputs[start:stop]  # (batch, seq, hidden)
         for block in blocks:
-            h = run_block(block, h, kwargs)
-        total += loss_fn(h, targets[start : start + batch_size].to(h.device)).item() * h.shape[0]
+            h = run_block(block, h, calls)
+        total += loss_fn(h, targets[start:stop].to(h.device)).item() * h.shape[0]
         count += h.shape[0]
     return total / max(count, 1)

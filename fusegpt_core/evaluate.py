@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -88,12 +89,20 @@ def generate(
 
 
 @torch.no_grad()
-def decode_speed(model: nn.Module, tokenizer, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3) -> float:
-    """Greedy decode tokens/s with the KV cache (best of `repeats`, after one warm-up)."""
-    device = next(model.parameters()).device
-    vocab = min(getattr(model.config, "vocab_size", 1000), 1000)
-    ids = torch.arange(5, 5 + prompt_tokens, device=device).remainder(vocab).unsqueeze(0)
+def decode_speeds(
+    models: list[nn.Module], tokenizer, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 5
+) -> list[dict[str, float]]:
+    """Greedy decode speed with the KV cache of each model, in tokens/s.
+
+    One warm-up generation per model, then `repeats` timed generations taken in turns (A B A B ...)
+    so that a machine busy with something else slows every model alike. Per model: the median, the
+    lowest and highest of the repeats, their count and the tokens generated each time."""
+    device = next(models[0].parameters()).device
+    vocab = min(getattr(models[0].config, "vocab_size", 1000), 1000)
+    ids = torch.arange(5, 5 + prompt_tokens, device=device).remainder(vocab).unsqueeze(0)  # (1, prompt)
     kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
@@ -102,17 +111,25 @@ def decode_speed(model: nn.Module, tokenizer, new_tokens: int = 32, prompt_token
         top_p=None,
         top_k=None,
     )
-    model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2}
-    )
-    best = 0.0
+    for model in models:
+        model.generate(**kwargs)  # warm-up: allocator, kernels, caches
+    timings: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        _sync(device)
-        best = max(best, new_tokens / (time.perf_counter() - start))
-    return best
+        for model, times in zip(models, timings):
+            _sync(device)
+            start = time.perf_counter()
+            model.generate(**kwargs)
+            _sync(device)
+            times.append(new_tokens / (time.perf_counter() - start))
+    return [
+        {"median": statistics.median(t), "low": min(t), "high": max(t), "repeats": repeats, "new_tokens": new_tokens}
+        for t in timings
+    ]
+
+
+def decode_speed(model: nn.Module, tokenizer, new_tokens: int = 32, repeats: int = 5) -> dict[str, float]:
+    """decode_speeds of one model."""
+    return decode_speeds([model], tokenizer, new_tokens, repeats=repeats)[0]
 
 
 def _sync(device: torch.device) -> None:

@@ -62,40 +62,101 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
+METHOD_TEXT = {
+    "fusegpt": (
+        "fused into its neighbours (FuseGPT, arXiv 2411.14507): its weights were injected into the same linears of "
+        "the blocks of its group through learnable rank-{rank} coefficients, and the group was fine-tuned to "
+        "reproduce its original output ({loss} loss, {epochs} epoch(s) over {n_calib} calibration windows)."
+    ),
+    "drop": "deleted, with no repair.",
+    "drop+lora": (
+        "deleted, then the blocks of its group were healed with a rank-{lora} LoRA trained to reproduce the group's "
+        "original output ({loss} loss, {epochs} epoch(s) over {n_calib} calibration windows), as a baseline for FuseGPT."
+    ),
+    "average": "averaged into its neighbouring block (linear and norm weights), with no training.",
+}
+METRIC_NAMES = {
+    "mi": "Macro Influence",
+    "bi": "Block Influence",
+    "angular": "angular distance",
+    "ppl": "perplexity increase",
+}
+
+
+def choice_text(recipe: dict[str, Any]) -> str:
+    """How the removed blocks were chosen, in one sentence."""
+    if recipe.get("blocks") is not None:
+        return "The blocks were picked by hand, in this order."
+    metric = METRIC_NAMES.get(recipe.get("metric"), recipe.get("metric"))
+    how = (
+        "scored once on the original model"
+        if recipe.get("selection") == "one-shot"
+        else "re-scored on the current model after each removal"
+    )
+    text = f"The blocks were chosen by {metric} ({how})"
+    if (recipe.get("candidates") or 1) > 1:
+        text += (
+            f"; each round removed, among the {recipe['candidates']} least important, the one whose removal its "
+            "group's output felt least"
+        )
+    return text + "."
+
+
 def model_card(report: dict[str, Any]) -> str:
     recipe = report.get("recipe", {})
+    method = report.get("method", recipe.get("method", "fusegpt"))
     removed = report.get("removed_blocks", [])
+    data, distill, fusion = recipe.get("data", {}), recipe.get("distill", {}), recipe.get("fusion", {})
+    base = report.get("base_model")
+    name = (base or str(report.get("model", "model"))).split("/")[-1]
 
     def fmt(x):
         return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
 
+    repair = METHOD_TEXT.get(method, method + ".").format(
+        rank=fusion.get("coef_rank"),
+        lora=max(fusion.get("coef_rank") or 0, fusion.get("lora_rank") or 0),
+        loss=distill.get("loss"),
+        epochs=distill.get("epochs"),
+        n_calib=data.get("n_calib"),
+    )
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    if base:
+        front.append(f"base_model: {base}")
+    front += [f"tags: [block-pruning, {method}, fusegpt-studio]", "---"]
+    rows = [f"| original | {fmt(report.get('dense_ppl'))} |"]
+    if method != "drop":
+        rows.append(f"| the same blocks deleted, no repair | {fmt(report.get('dropped_ppl'))} |")
+    rows.append(f"| this model ({method}) | {fmt(report.get('result_ppl'))} |")
+    rounds = [
+        f"| {r.get('round', 0) + 1} | {r.get('removed')} | {', '.join(str(t) for t in r.get('targets') or [])} |"
+        for r in report.get("rounds") or []
+        if "error" not in r
+    ]
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [fusegpt, block-pruning, compressed]",
-        "---",
-        f"# {report.get('model', 'model')} compressed with FuseGPT Studio ({report.get('method', 'fusegpt')})",
+        *front,
+        f"# {name}, {len(removed)} of {report.get('num_layers_before')} blocks removed ({method})",
         "",
-        f"{report.get('num_layers_before')} -> {report.get('num_layers_after')} blocks; removed (original indices): "
-        f"{removed}. A plain transformers model: load it with `AutoModelForCausalLM.from_pretrained`.",
+        f"{report.get('num_layers_before')} -> {report.get('num_layers_after')} blocks. Removed (original indices, "
+        f"in order): {removed}. {choice_text(recipe)} Each removed block was {repair}",
+        "",
+        "A plain transformers model: load it with `AutoModelForCausalLM.from_pretrained`.",
         "",
         "| | perplexity |",
         "|---|---|",
-        f"| original | {fmt(report.get('dense_ppl'))} |",
-        f"| blocks dropped | {fmt(report.get('dropped_ppl'))} |",
-        f"| {report.get('method', 'fusegpt')} | {fmt(report.get('result_ppl'))} |",
+        *rows,
         "",
-        f"Evaluated on {report.get('eval_tokens')} tokens of `{recipe.get('data', {}).get('eval_source')}`"
-        f" ({recipe.get('data', {}).get('seq_len')}-token windows).",
+        f"Perplexity on {report.get('eval_tokens')} tokens of `{data.get('eval_source')}`"
+        f" ({data.get('seq_len')}-token windows).",
+    ]
+    if rounds and method != "drop":
+        lines += ["", "| round | removed block | blocks that absorbed it |", "|---|---|---|", *rounds]
+    lines += [
         "",
-        "Reproduce with `python -m fusegpt_core fuse --recipe recipe.json --out DIR`.",
-        "",
-        "Method: FuseGPT (arXiv 2411.14507): the least important blocks by Macro Influence are fused into"
-        " their neighbours through learnable low-rank coefficients, then each group is fine-tuned to"
-        " match its original output.",
+        "Made with FuseGPT Studio. Reproduce with `python -m fusegpt_core fuse --recipe recipe.json --out DIR`.",
     ]
     if report.get("partial"):
-        lines += ["", f"**Partial result** (status: {report.get('status')})."]
+        lines += ["", f"**Partial result** (status: {report.get('status')}): not every planned block was removed."]
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,7 @@ class FusedLinear(nn.Module):
         self.conv1d = conv1d
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        rows, cols = base_layer.weight.shape
+        rows, cols = base_layer.weight.shape  # (out, in) for nn.Linear, (in, out) for Conv1D
         device = base_layer.weight.device
         self.lora_rank = lora_rank
         if lora_rank > 0:
@@ -42,8 +42,8 @@ class FusedLinear(nn.Module):
             # kaiming_uniform_(a=sqrt 5) on A: bound 1/sqrt(fan_in), from our generator for determinism
             bound = 1.0 / math.sqrt(cols)
             a = torch.empty(lora_rank, cols, device=device).uniform_(-bound, bound, generator=generator)
-            self.lora_A = nn.Parameter(a)
-            self.lora_B = nn.Parameter(torch.zeros(rows, lora_rank, device=device))
+            self.lora_A = nn.Parameter(a)  # (rank, cols)
+            self.lora_B = nn.Parameter(torch.zeros(rows, lora_rank, device=device))  # (rows, rank)
             self.lora_A.requires_grad_(False)  # frozen until a round trains this group
             self.lora_B.requires_grad_(False)
         self.coef_C = nn.ParameterList()  # each (rows, r), zero-initialised
@@ -72,9 +72,10 @@ class FusedLinear(nn.Module):
         rows, cols = weight.shape
         device = self.base_layer.weight.device
         rank = min(coef_rank, rows, cols)
+        # W_k (rows, cols), frozen; C_k (rows, r) starts at zero so the layer computes what it did
         self.register_buffer(f"absorbed_weight_{k}", weight.detach().to(device), persistent=False)
         self.coef_C.append(nn.Parameter(torch.zeros(rows, rank, device=device)))
-        d = torch.empty(rank, cols, device=device)
+        d = torch.empty(rank, cols, device=device)  # D_k (r, cols)
         # kaiming_uniform_(a=sqrt 5): bound = 1/sqrt(fan_in), drawn from our own generator for determinism
         bound = 1.0 / math.sqrt(cols)
         d.uniform_(-bound, bound, generator=generator)
@@ -94,13 +95,21 @@ class FusedLinear(nn.Module):
     def _delta(self, lora: bool, terms) -> torch.Tensor:
         """The LoRA product (when `lora`) plus the absorbed terms numbered in `terms`, in fp32."""
         base = self.base_layer.weight
-        delta = torch.zeros(base.shape, device=base.device, dtype=torch.float32)
+        delta = torch.zeros(base.shape, device=base.device, dtype=torch.float32)  # (rows, cols)
         if lora and self.lora_rank > 0:
-            delta = delta + self.lora_B @ self.lora_A
+            delta = delta + self.lora_B @ self.lora_A  # (rows, rank) @ (rank, cols)
         for k in terms:
             absorbed = getattr(self, f"absorbed_weight_{k}").float()
-            delta = delta + (self.coef_C[k] @ self.coef_D[k]) * absorbed
+            delta = delta + (self.coef_C[k] @ self.coef_D[k]) * absorbed  # (rows, r) @ (r, cols), elementwise W_k
         return delta
+
+    @torch.no_grad()
+    def term_share(self, k: int) -> float:
+        """||(C_k D_k) * W_k|| / ||W||: how much of absorbed block k this layer carries, relative to
+        its own weight (Frobenius norms; 0 right after absorbing, as C_k starts at zero)."""
+        base = self.base_layer.weight.float()
+        term = self._delta(lora=False, terms=[k])
+        return (term.norm() / base.norm().clamp_min(1e-12)).item()
 
     def delta_bias(self) -> torch.Tensor | None:
         base_bias = getattr(self.base_layer, "bias", None)

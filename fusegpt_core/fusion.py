@@ -1,17 +1,35 @@
-"""Group planning and weight injection: one fusion round's model surgery.
+"""Group planning, weight injection and one fusion round (inject, train, settle).
 
 All indices here are CURRENT block indices (positions in the model as it is now); the pipeline
-maps them to and from the original model's indices.
+maps them to and from the original model's indices (selection.BlockIndex).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
-from .adapters import block_linears, block_norms, get_adapter, get_blocks, get_module, set_module
-from .errors import PlanError
+from . import baselines
+from .adapters import (
+    block_linears,
+    block_norms,
+    get_adapter,
+    get_blocks,
+    get_module,
+    remove_blocks,
+    set_blocks,
+    set_module,
+)
+from .capture import BlockCalls
+from .distill import finetune, group_loss
+from .errors import Cancelled, PlanError, TrainingDiverged
 from .fused_linear import FusedLinear
+
+LOSS_PROBE_WINDOWS = 8  # calibration windows for a round's loss before/after figures
 
 
 def plan_group(removed: int, num_blocks: int, group_size: int = 8) -> list[int]:
@@ -110,3 +128,135 @@ def settle_group(model: nn.Module, targets: list[int]) -> None:
         for layer in block_linears(model, blocks[t]).values():
             if isinstance(layer, FusedLinear):
                 layer.settle()
+
+
+# ---- one round ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    loss_before: float
+    """Group loss on the probe windows right after surgery (= plain removal, the new terms are zero)."""
+    loss_after: float
+    """The same after fine-tuning."""
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every optimiser step."""
+    absorbed: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Target block (current index, after the removal) -> linear -> share of the removed block it
+    carries, ||(C D) * W_removed|| / ||W_own|| (drop+lora: the LoRA's ||B A|| / ||W_own||)."""
+
+
+class _GroupSnapshot:
+    """What a round may change, kept to put back on failure: the group's blocks and `layer_types`."""
+
+    def __init__(self, model: nn.Module, lo: int, hi: int):
+        self.blocks = list(get_blocks(model))
+        self.group = copy.deepcopy(self.blocks[lo : hi + 1])
+        self.lo, self.hi = lo, hi
+        self.layer_types = copy.copy(getattr(model.config, "layer_types", None))
+
+    def restore(self, model: nn.Module) -> None:
+        restored = self.blocks[: self.lo] + self.group + self.blocks[self.hi + 1 :]
+        if self.layer_types is not None:
+            model.config.layer_types = self.layer_types
+        set_blocks(model, restored, list(range(len(restored))))
+
+
+def fuse_round(
+    model: nn.Module,
+    p: int,
+    targets: list[int],
+    group_in: torch.Tensor,
+    teacher: torch.Tensor,
+    calls: BlockCalls,
+    *,
+    method: str,
+    fusion,
+    distill,
+    generator: torch.Generator,
+    seed: int,
+    on_step: Callable[[int, int, float], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RoundResult:
+    """Remove block p of `model` (in place) and heal its group, for 'fusegpt' or 'drop+lora'.
+
+    group_in: (n, seq, hidden) calibration states at the input of the group's first block;
+    teacher: the group's output on them, block p still in. `fusion`, `distill`: the recipe's
+    FusionConfig and DistillConfig. On TrainingDiverged, Cancelled or KeyboardInterrupt the group
+    is put back as it was before the round, and the error raised again."""
+    lo, hi = group_span(p, targets)
+    snapshot = _GroupSnapshot(model, lo, hi)
+    try:
+        # 1. surgery: inject block p into its targets (the new terms are zero), then delete it
+        if method == "fusegpt":
+            inject(model, p, targets, fusion.coef_rank, fusion.lora_rank, fusion.fuse_bias, generator)
+        remove_blocks(model, [p])
+        new_targets = [t - 1 if t > p else t for t in targets]
+        student = list(get_blocks(model))[lo:hi]
+        if method == "fusegpt":
+            first, settled, others = group_trainable(model, new_targets, train_settled=distill.lr_settled != 0)
+            lr_first = distill.lr_coef
+        else:  # drop+lora: the LoRA gets the coefficient budget (rank, learning rate)
+            rank = max(fusion.coef_rank, fusion.lora_rank)
+            first = baselines.add_lora(model, new_targets, rank=rank, seed=seed)
+            others, settled, lr_first = baselines.norm_parameters(model, new_targets), [], distill.lr_lora
+        # before/after figures on a fixed slice of the calibration windows (cheap, comparable)
+        probe_in, probe_out = group_in[:LOSS_PROBE_WINDOWS], teacher[:LOSS_PROBE_WINDOWS]
+        loss_before = group_loss(student, probe_in, probe_out, calls, distill.loss, distill.batch_size)
+
+        # 2. local distillation of the group
+        if on_stage is not None:
+            on_stage("finetune")
+        trained = finetune(
+            student,
+            group_in,
+            teacher,
+            calls,
+            first,
+            others,
+            epochs=distill.epochs,
+            batch_size=distill.batch_size,
+            lr_coef=lr_first,
+            lr_other=distill.lr_lora,
+            loss=distill.loss,
+            betas=tuple(distill.betas),
+            grad_clip=distill.grad_clip,
+            divergence_factor=distill.divergence_factor,
+            settled_params=settled,
+            lr_settled=distill.lr_settled,
+            seed=seed,
+            on_step=on_step,
+            should_stop=should_stop,
+        )
+
+        # 3. settle: record what each target took in, then freeze (fusegpt) or merge (LoRA)
+        absorbed = absorbed_shares(model, new_targets, lora=method != "fusegpt")
+        if method == "fusegpt":
+            settle_group(model, new_targets)
+        else:
+            baselines.merge_lora(model)
+        loss_after = group_loss(student, probe_in, probe_out, calls, distill.loss, distill.batch_size)
+    except (TrainingDiverged, Cancelled, KeyboardInterrupt):
+        snapshot.restore(model)
+        raise
+    return RoundResult(loss_before=loss_before, loss_after=loss_after, losses=trained.losses, absorbed=absorbed)
+
+
+@torch.no_grad()
+def absorbed_shares(model: nn.Module, targets: list[int], lora: bool = False) -> dict[int, dict[str, float]]:
+    """target -> linear -> the newest absorbed term's share of the layer's own weight (`lora`: the
+    peft LoRA's ||B A|| / ||W|| instead)."""
+    blocks = get_blocks(model)
+    out: dict[int, dict[str, float]] = {}
+    for t in targets:
+        shares = {}
+        for name, layer in block_linears(model, blocks[t]).items():
+            if isinstance(layer, FusedLinear) and layer.num_absorbed:
+                shares[name] = layer.term_share(layer.num_absorbed - 1)
+            elif lora and hasattr(layer, "get_delta_weight"):
+                adapter = next(iter(layer.lora_A))
+                own = layer.get_base_layer().weight.float()
+                shares[name] = (layer.get_delta_weight(adapter).float().norm() / own.norm().clamp_min(1e-12)).item()
+        out[t] = shares
+    return out

@@ -107,7 +107,7 @@ def score_blocks(
     n_blocks = len(blocks)
     if inputs is None:
         inputs = capture_block_inputs(model, windows, batch_size=batch_size)
-    kwargs = inputs.kwargs
+    calls = inputs.calls
     need_skip = any(METRICS[m].needs_skip_runs for m in metrics)
     want_ppl = "ppl" in metrics
 
@@ -136,7 +136,7 @@ def score_blocks(
         # states[i] is the input of block i; states[n_blocks] the final hidden state
         states = [h0]
         for block in blocks:
-            states.append(run_block(block, states[-1], kwargs))
+            states.append(run_block(block, states[-1], calls))
         final = states[-1]
         tick()
         batch_tokens = h0.shape[0] * h0.shape[1]
@@ -156,26 +156,26 @@ def score_blocks(
             else:
                 h = h0
                 for j in range(i):
-                    h = run_block(blocks[j], h, kwargs)
+                    h = run_block(blocks[j], h, calls)
             for j in range(i + 1, n_blocks):
-                h = run_block(blocks[j], h, kwargs)
+                h = run_block(blocks[j], h, calls)
             cos_final[i] += _mean_cos(final, h)[0]
             if want_ppl:
                 nll_skip[i] += _nll_sum(model, h, ids)[0]
             tick()
 
-    out: dict[str, list[float]] = {}
-    for m in metrics:
-        if m == "mi":
-            out[m] = [1.0 - c / tokens for c in cos_final]
-        elif m == "bi":
-            out[m] = [1.0 - c / tokens for c in cos_local]
-        elif m == "angular":
-            out[m] = [a / tokens for a in ang_local]
-        elif m == "ppl":
-            dense = math.exp(nll_dense / nll_tokens)
-            out[m] = [math.exp(s / nll_tokens) - dense for s in nll_skip]
-    return out
+    sums = {"mi": cos_final, "bi": cos_local, "angular": ang_local}
+    return {m: _finish(m, sums, tokens, nll_skip, nll_dense, nll_tokens) for m in metrics}
+
+
+def _finish(metric, sums, tokens, nll_skip, nll_dense, nll_tokens) -> list[float]:
+    """Per-block sums over tokens -> the metric's scores (higher = more important)."""
+    if metric == "ppl":
+        dense = math.exp(nll_dense / nll_tokens)
+        return [math.exp(s / nll_tokens) - dense for s in nll_skip]
+    if metric == "angular":
+        return [a / tokens for a in sums["angular"]]
+    return [1.0 - c / tokens for c in sums[metric]]  # mi, bi: 1 - mean cosine
 
 
 def block_forward_count(n_blocks: int, use_cache: bool) -> int:

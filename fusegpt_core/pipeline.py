@@ -3,6 +3,9 @@
 The input model is never modified: all surgery happens on a deep copy, so a cancel or a failure
 leaves the caller's model exactly as it was. Progress is reported through `on_event`;
 `should_stop` is polled between steps (cooperative cancel).
+
+Where things are decided: which block goes next in selection.py, which blocks absorb it and how a
+round heals its group in fusion.py, how a group trains in distill.py.
 """
 
 from __future__ import annotations
@@ -17,17 +20,16 @@ import torch
 from torch import nn
 
 from . import baselines
-from .adapters import get_blocks, remove_blocks, set_blocks
+from .adapters import get_blocks, remove_blocks
 from .capture import BlockInputs, PrefixStates, capture_block_inputs, run_blocks
 from .config import Recipe, check_seq_len
-from .distill import finetune, group_loss
 from .errors import Cancelled, PlanError, TrainingDiverged
-from .evaluate import decode_speed, drop_blocks, model_size, perplexity
-from .fused_linear import FusedLinear, fold_fused_linears
-from .fusion import check_targets, group_span, group_trainable, inject, plan_group, settle_group
-from .importance import lowest, score_blocks
+from .evaluate import decode_speeds, drop_blocks, model_size, perplexity
+from .fused_linear import fold_fused_linears
+from .fusion import check_targets, fuse_round, group_span, plan_group
+from .importance import score_blocks
+from .selection import BlockIndex, most_absorbable, strategy
 
-LOSS_PROBE_WINDOWS = 8  # calibration windows used for a round's loss before/after figures
 FORWARD_BATCH = 8  # windows per batch of gradient-free passes (scoring, teachers, perplexity): on
 # CPU a block forward costs 15% less per window at 8 than at the small training batches
 
@@ -119,13 +121,11 @@ def run(
         ctx.stage("load", f"loading {recipe.model}")
         loaded = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     original = loaded.model
-    n_before = len(get_blocks(original))
-    recipe.validate(num_blocks=n_before)
+    recipe.validate(num_blocks=len(get_blocks(original)))
     check_seq_len(recipe.data.seq_len, original.config)
 
     ctx.stage("data", "preparing calibration and evaluation windows")
     calib, evals = windows if windows is not None else load_windows(recipe, loaded.tokenizer)
-    score_windows = calib[: recipe.data.n_score]
 
     ctx.stage("evaluate", "perplexity of the original model")
     batch = forward_batch(recipe)
@@ -135,255 +135,234 @@ def run(
     ctx.stage("copy", "copying the model (the original stays untouched)")
     work = copy.deepcopy(original)
     work.requires_grad_(False)
-    rounds, trajectory, removed, status = _compress(work, recipe, calib, score_windows, ctx)
+    outcome = compress(work, recipe, calib, ctx)
 
     ctx.stage("fold", "folding fused weights into plain linears")
     fold_fused_linears(work)
     baselines.merge_lora(work)
 
     ctx.stage("evaluate", "perplexity of the result and of plain dropping")
-    result_ppl = perplexity(work, evals, batch, ctx.should_stop)
-    dropped_ppl = perplexity(drop_blocks(original, removed), evals, batch, ctx.should_stop) if removed else dense_ppl
-    size_before, size_after = model_size(original), model_size(work)
-    speed_before = speed_after = None
+    removed = outcome.removed
+    figures = {
+        "dense_ppl": dense_ppl,
+        "result_ppl": perplexity(work, evals, batch, ctx.should_stop),
+        "dropped_ppl": perplexity(drop_blocks(original, removed), evals, batch, ctx.should_stop)
+        if removed
+        else dense_ppl,
+        "speed_before": None,
+        "speed_after": None,
+    }
     if recipe.eval.measure_speed:
         ctx.stage("speed", "measuring decode speed")
-        speed_before = decode_speed(original, loaded.tokenizer, recipe.eval.speed_tokens)
-        speed_after = decode_speed(work, loaded.tokenizer, recipe.eval.speed_tokens)
+        speeds = decode_speeds([original, work], loaded.tokenizer, recipe.eval.speed_tokens)
+        figures["speed_before"], figures["speed_after"] = speeds
 
-    report = {
-        "method": recipe.method,
-        "model": loaded.source,
-        "status": status,
-        "partial": status != "done",
-        "dense_ppl": dense_ppl,
-        "dropped_ppl": dropped_ppl,
-        "fused_ppl": result_ppl,
-        "result_ppl": result_ppl,
-        "removed_blocks": removed,
-        "num_layers_before": n_before,
-        "num_layers_after": len(get_blocks(work)),
-        "params_before": size_before["params"],
-        "params_after": size_after["params"],
-        "bytes_before": size_before["bytes"],
-        "bytes_after": size_after["bytes"],
-        "tokens_per_s_before": speed_before,
-        "tokens_per_s_after": speed_after,
-        "eval_tokens": int(evals.numel()),
-        "calib_tokens": int(calib.numel()),
-        "rounds": rounds,
-        "trajectory": trajectory,
-        "device": str(next(work.parameters()).device),
-        "dtype": str(next(work.parameters()).dtype).replace("torch.", ""),
-        "recipe": recipe.to_dict(),
-    }
+    report = _report(recipe, loaded, original, work, outcome, figures, calib, evals)
     report["seconds"] = ctx.finish()
     report["seconds"]["total"] = round(sum(report["seconds"].values()), 2)
     ctx.on_event(Event("stage", "done", "finished", data={"report": report}))
     return RunResult(report=report, model=work, tokenizer=loaded.tokenizer)
 
 
-def _compress(
-    work: nn.Module, recipe: Recipe, calib: torch.Tensor, score_windows: torch.Tensor, ctx: _Context
-) -> tuple[list[dict], list[list[float | None]], list[int], str]:
-    """All removal rounds on `work`. Returns (rounds, MI trajectory, removed originals, status)."""
-    n_orig = len(get_blocks(work))
-    original_index = list(range(n_orig))  # current position -> original block index
+def _report(recipe, loaded, original, work, outcome, figures, calib, evals) -> dict[str, Any]:
+    from .loading import base_model_id
+
+    size_before, size_after = model_size(original), model_size(work)
+    speed_before, speed_after = figures["speed_before"], figures["speed_after"]
+    return {
+        "method": recipe.method,
+        "model": loaded.source,
+        "base_model": base_model_id(loaded),
+        "status": outcome.status,
+        "partial": outcome.status != "done",
+        "dense_ppl": figures["dense_ppl"],
+        "dropped_ppl": figures["dropped_ppl"],
+        "result_ppl": figures["result_ppl"],
+        "removed_blocks": outcome.removed,
+        "num_layers_before": size_before["blocks"],
+        "num_layers_after": size_after["blocks"],
+        "params_before": size_before["params"],
+        "params_after": size_after["params"],
+        "bytes_before": size_before["bytes"],
+        "bytes_after": size_after["bytes"],
+        "tokens_per_s_before": speed_before["median"] if speed_before else None,
+        "tokens_per_s_after": speed_after["median"] if speed_after else None,
+        "speed_before": speed_before,
+        "speed_after": speed_after,
+        "eval_tokens": int(evals.numel()),
+        "eval_windows": [int(evals.shape[0]), int(evals.shape[1])],
+        "calib_tokens": int(calib.numel()),
+        "rounds": outcome.rounds,
+        "trajectory": outcome.trajectory,
+        "device": str(next(work.parameters()).device),
+        "dtype": str(next(work.parameters()).dtype).replace("torch.", ""),
+        "recipe": recipe.to_dict(),
+    }
+
+
+@dataclass
+class Compression:
+    """What the removal rounds did."""
+
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    trajectory: list[list[float | None]] = field(default_factory=list)
+    """Scores of every round that scored, over original blocks (None: already removed)."""
+    removed: list[int] = field(default_factory=list)
+    """Original indices, in removal order."""
+    status: str = "done"
+    """'done', or 'diverged' when a round was rolled back (the rounds before it stand)."""
+
+
+def compress(work: nn.Module, recipe: Recipe, calib: torch.Tensor, ctx: _Context) -> Compression:
+    """All removal rounds of `recipe` on `work`, in place. calib: (n_calib, seq) token ids."""
+    index = BlockIndex(len(get_blocks(work)))
+    select = strategy(recipe.selection, recipe.blocks)
     count = len(recipe.blocks) if recipe.blocks is not None else recipe.remove
-    batch = forward_batch(recipe)
     trains = recipe.method in ("fusegpt", "drop+lora")
-    generator = torch.Generator(device=next(work.parameters()).device).manual_seed(recipe.data.seed)
-    needs_inputs = trains or recipe.candidates > 1
-    calib_inputs = capture_block_inputs(work, calib, batch) if needs_inputs else None
+    needs_inputs = trains or (recipe.candidates > 1 and recipe.blocks is None)
+    calib_inputs = capture_block_inputs(work, calib, forward_batch(recipe)) if needs_inputs else None
     # group inputs continue from saved block boundaries (every ~1/8 of the depth), not the embeddings
-    prefix = PrefixStates(calib_inputs, stride=-(-n_orig // 8)) if trains else None
-    rounds: list[dict] = []
-    trajectory: list[list[float | None]] = []
-    removed: list[int] = []
-    one_shot_order: list[int] | None = None
+    prefix = PrefixStates(calib_inputs, stride=-(-len(index) // 8)) if trains else None
+    generator = torch.Generator(device=next(work.parameters()).device).manual_seed(recipe.data.seed)
+    out = Compression()
 
     for r in range(count):
         ctx.check()
-        n_cur = len(get_blocks(work))
-        # ---- choose the block to remove (current index p) ----------------------------------
-        if recipe.blocks is not None:
-            p = original_index.index(recipe.blocks[r])
-        elif recipe.selection == "one-shot" and one_shot_order is not None:
-            p = original_index.index(one_shot_order[r])
-        else:
-            ctx.stage("score", f"round {r + 1}/{count}: scoring {n_cur} blocks ({recipe.metric})")
-            scores = score_blocks(
-                work,
-                score_windows,
-                metrics=(recipe.metric,),
-                use_cache=recipe.use_prefix_cache,
-                batch_size=batch,
-                on_progress=lambda s, t: ctx.emit("progress", "scoring", s, t),
-                should_stop=ctx.should_stop,
-            )[recipe.metric]
-            by_original: list[float | None] = [None] * n_orig
-            for cur, orig in enumerate(original_index):
-                by_original[orig] = scores[cur]
-            trajectory.append(by_original)
-            ctx.emit("scores", f"{recipe.metric} scores", round=r, metric=recipe.metric, scores=by_original)
-            p = lowest(scores)
-            if recipe.candidates > 1:
-                p = _most_absorbable(work, recipe, calib_inputs, scores, n_cur, ctx)
-            if recipe.selection == "one-shot":
-                ranked = sorted(range(n_cur), key=lambda i: (scores[i], i))
-                one_shot_order = [original_index[i] for i in ranked[:count]]
-        p_orig = original_index[p]
-
-        # ---- the group ------------------------------------------------------------------------
-        manual = (recipe.fusion.targets or {}).get(p_orig)
-        if manual is not None:
-            missing = [t for t in manual if t not in original_index]
-            if missing:
-                raise PlanError(f"fusion targets {missing} of block {p_orig} were already removed in an earlier round.")
-            targets = [original_index.index(t) for t in manual]
-            check_targets(p, targets, n_cur)
-        else:
-            targets = plan_group(p, n_cur, recipe.fusion.group_size)
-        round_info: dict[str, Any] = {
+        p = _choose(work, recipe, select, index, r, count, calib, calib_inputs, out, ctx)
+        targets = _targets(recipe, index, p)
+        info: dict[str, Any] = {
             "round": r,
-            "removed": p_orig,
-            "targets": [original_index[t] for t in targets],
+            "removed": index.original[p],
+            "targets": [index.original[t] for t in targets],
         }
-        t_round = time.perf_counter()
-        if recipe.method in ("drop", "average"):
-            ctx.stage("fuse", f"round {r + 1}/{count}: removing block {p_orig}")
-            if recipe.method == "average":
-                baselines.average_into(work, p, baselines.neighbour_of(p, n_cur))
-            remove_blocks(work, [p])
-        else:
+        started = time.perf_counter()
+        if trains:
             try:
-                _train_round(work, recipe, prefix, p, targets, round_info, generator, ctx, r, count)
+                info.update(_heal(work, recipe, prefix, p, targets, index, generator, ctx, r, count))
             except TrainingDiverged as e:
-                round_info["error"] = str(e)
-                rounds.append(round_info)
+                info["error"] = str(e)
+                out.rounds.append(info)
+                out.status = "diverged"
                 ctx.emit("log", f"round {r + 1} rolled back: {e}")
-                return rounds, trajectory, removed, "diverged"
-        if prefix is not None:
+                return out
             prefix.blocks_changed_from(group_span(p, targets)[0])
-        original_index.pop(p)
-        removed.append(p_orig)
-        round_info["seconds"] = round(time.perf_counter() - t_round, 2)
-        rounds.append(round_info)
-        ctx.emit("round", f"removed block {p_orig}", r + 1, count, **round_info)
-    return rounds, trajectory, removed, "done"
+        else:
+            ctx.stage("fuse", f"round {r + 1}/{count}: removing block {info['removed']}")
+            if recipe.method == "average":
+                baselines.average_into(work, p, baselines.neighbour_of(p, len(index)))
+            remove_blocks(work, [p])
+        out.removed.append(index.remove(p))
+        info["seconds"] = round(time.perf_counter() - started, 2)
+        out.rounds.append(info)
+        ctx.emit("round", f"removed block {info['removed']}", r + 1, count, **info)
+    return out
 
 
-@torch.no_grad()
-def removal_error(work: nn.Module, inputs: BlockInputs, p: int, targets: list[int], batch_size: int) -> float:
-    """Relative squared error of the group's output when block p is simply skipped, per token
-    (||student_t - teacher_t||^2 / ||teacher_t||^2, averaged over the probe windows' tokens):
-    comparable across depths, and not ruled by the attention-sink token's huge activations."""
-    lo, hi = group_span(p, targets)
-    blocks = list(get_blocks(work))
-    group_in = run_blocks(blocks[:lo], inputs.hidden[:LOSS_PROBE_WINDOWS], inputs.kwargs, batch_size)
-    teacher = run_blocks(blocks[lo : hi + 1], group_in, inputs.kwargs, batch_size)
-    student = [b for i, b in enumerate(blocks[lo : hi + 1], lo) if i != p]
-    return group_loss(student, group_in, teacher, inputs.kwargs, "token_mse", batch_size)
-
-
-def _most_absorbable(
-    work: nn.Module, recipe: Recipe, inputs: BlockInputs, scores: list[float], n_cur: int, ctx: _Context
+def _choose(
+    work: nn.Module,
+    recipe: Recipe,
+    select,
+    index: BlockIndex,
+    r: int,
+    count: int,
+    calib: torch.Tensor,
+    calib_inputs: BlockInputs | None,
+    out: Compression,
+    ctx: _Context,
 ) -> int:
-    """Among the `recipe.candidates` lowest-scoring blocks, the one whose removal its group feels least."""
-    ranked = sorted(range(n_cur), key=lambda i: (scores[i], i))[: recipe.candidates]
-    errors = {
-        c: removal_error(work, inputs, c, plan_group(c, n_cur, recipe.fusion.group_size), forward_batch(recipe))
-        for c in ranked
-    }
-    ctx.emit("log", "removal error of candidates: " + ", ".join(f"{c}: {e:.4f}" for c, e in errors.items()))
-    return min(ranked, key=lambda c: (errors[c], ranked.index(c)))
+    """The current index of the block round `r` removes (scoring first when the strategy asks)."""
+    scores = None
+    if select.wants_scores(r):
+        ctx.stage("score", f"round {r + 1}/{count}: scoring {len(index)} blocks ({recipe.metric})")
+        scores = score_blocks(
+            work,
+            calib[: recipe.data.n_score],
+            metrics=(recipe.metric,),
+            use_cache=recipe.use_prefix_cache,
+            batch_size=forward_batch(recipe),
+            on_progress=lambda s, t: ctx.emit("progress", "scoring", s, t),
+            should_stop=ctx.should_stop,
+        )[recipe.metric]
+        by_original = index.by_original(scores)
+        out.trajectory.append(by_original)
+        ctx.emit("scores", f"{recipe.metric} scores", round=r, metric=recipe.metric, scores=by_original)
+    ranked = select.ranked(r, index, scores)
+    if recipe.candidates == 1 or len(ranked) == 1:
+        return ranked[0]
+    candidates = ranked[: recipe.candidates]
+    p, errors = most_absorbable(work, calib_inputs, candidates, recipe.fusion.group_size, forward_batch(recipe))
+    ctx.emit(
+        "log", "removal error of candidates: " + ", ".join(f"{index.original[c]}: {e:.4f}" for c, e in errors.items())
+    )
+    return p
 
 
-def _train_round(
+def _targets(recipe: Recipe, index: BlockIndex, p: int) -> list[int]:
+    """The blocks (current indices) that absorb block p: the user's, or the reference window."""
+    manual = (recipe.fusion.targets or {}).get(index.original[p])
+    if manual is None:
+        return plan_group(p, len(index), recipe.fusion.group_size)
+    missing = [t for t in manual if t not in index]
+    if missing:
+        raise PlanError(
+            f"fusion targets {missing} of block {index.original[p]} were already removed in an earlier round."
+        )
+    targets = [index.current(t) for t in manual]
+    check_targets(p, targets, len(index))
+    return targets
+
+
+def _heal(
     work: nn.Module,
     recipe: Recipe,
     prefix: PrefixStates,
     p: int,
     targets: list[int],
-    info: dict[str, Any],
+    index: BlockIndex,
     generator: torch.Generator,
     ctx: _Context,
     r: int,
     count: int,
-) -> None:
-    """One fusion (or LoRA-healing) round: teacher outputs, surgery, local distillation.
-
-    On TrainingDiverged or Cancelled the group is restored to its pre-round state first."""
-    d, f = recipe.distill, recipe.fusion
-    calib_inputs = prefix.inputs
+) -> dict[str, Any]:
+    """The teacher for block p's group, then one fusion (or LoRA-healing) round; its figures."""
+    removed, calls, batch = index.original[p], prefix.inputs.calls, forward_batch(recipe)
+    label = f"{r + 1}/{count}"
     lo, hi = group_span(p, targets)
-    blocks_before = list(get_blocks(work))
-    ctx.stage("fuse", f"round {r + 1}/{count}: fusing block {info['removed']} into {info['targets']}")
+    blocks = list(get_blocks(work))
+    ctx.stage("fuse", f"round {label}: fusing block {removed} into {[index.original[t] for t in targets]}")
     with torch.no_grad():
-        # the group's input: calibration data through the CURRENT blocks before it
-        group_in = prefix.at(blocks_before, lo, forward_batch(recipe), ctx.should_stop)
-        teacher = run_blocks(
-            blocks_before[lo : hi + 1], group_in, calib_inputs.kwargs, forward_batch(recipe), ctx.should_stop
-        )
-    snapshot = copy.deepcopy(blocks_before[lo : hi + 1])  # for rollback
-    layer_types_before = copy.copy(getattr(work.config, "layer_types", None))
-    try:
-        if recipe.method == "fusegpt":
-            inject(work, p, targets, f.coef_rank, f.lora_rank, f.fuse_bias, generator)
-        remove_blocks(work, [p])
-        new_targets = [t - 1 if t > p else t for t in targets]
-        if recipe.method == "fusegpt":
-            coefs, settled, others = group_trainable(work, new_targets, train_settled=d.lr_settled != 0)
-            lr_first = d.lr_coef
-        else:  # drop+lora: the LoRA gets the coefficient budget (rank, learning rate)
-            coefs = baselines.add_lora(work, new_targets, rank=max(f.coef_rank, f.lora_rank), seed=recipe.data.seed + r)
-            others = baselines.norm_parameters(work, new_targets)
-            settled = []
-            lr_first = d.lr_lora
-        student = list(get_blocks(work))[lo:hi]
-        # before/after figures on a fixed slice of the calibration windows (cheap, comparable)
-        probe_in, probe_out = group_in[:LOSS_PROBE_WINDOWS], teacher[:LOSS_PROBE_WINDOWS]
-        info["loss_before"] = group_loss(student, probe_in, probe_out, calib_inputs.kwargs, d.loss, d.batch_size)
-        ctx.stage("finetune", f"round {r + 1}/{count}: fine-tuning the group of block {info['removed']}")
-        result = finetune(
-            student,
-            group_in,
-            teacher,
-            calib_inputs.kwargs,
-            coefs,
-            others,
-            epochs=d.epochs,
-            batch_size=d.batch_size,
-            lr_coef=lr_first,
-            lr_other=d.lr_lora,
-            loss=d.loss,
-            betas=tuple(d.betas),
-            grad_clip=d.grad_clip,
-            divergence_factor=d.divergence_factor,
-            settled_params=settled,
-            lr_settled=d.lr_settled,
-            seed=recipe.data.seed + r,
-            on_step=lambda s, t, loss: ctx.emit(
-                "loss", f"round {r + 1} step {s}/{t}", s, t, round=r, loss=loss, removed=info["removed"]
-            ),
-            should_stop=ctx.should_stop,
-        )
-        if recipe.method == "drop+lora":
-            baselines.merge_lora(work)
-        else:
-            settle_group(work, new_targets)
-        info["loss_after"] = group_loss(student, probe_in, probe_out, calib_inputs.kwargs, d.loss, d.batch_size)
-        info["loss_first"] = result.losses[0] if result.losses else None
-        info["loss_last"] = result.losses[-1] if result.losses else None
-        info["losses"] = result.losses
-        info["steps"] = result.steps
-    except (TrainingDiverged, Cancelled, KeyboardInterrupt):
-        restored = blocks_before[:lo] + snapshot + blocks_before[hi + 1 :]
-        if layer_types_before is not None:
-            work.config.layer_types = layer_types_before
-        set_blocks(work, restored, list(range(len(restored))))
-        raise
-
-
-def fused_layers(model: nn.Module) -> list[FusedLinear]:
-    return [m for m in model.modules() if isinstance(m, FusedLinear)]
+        # the group's input: calibration data through the CURRENT blocks before it; (n_calib, seq, hidden)
+        group_in = prefix.at(blocks, lo, batch, ctx.should_stop)
+        teacher = run_blocks(blocks[lo : hi + 1], group_in, calls, batch, ctx.should_stop)
+    result = fuse_round(
+        work,
+        p,
+        targets,
+        group_in,
+        teacher,
+        calls,
+        method=recipe.method,
+        fusion=recipe.fusion,
+        distill=recipe.distill,
+        generator=generator,
+        seed=recipe.data.seed + r,
+        on_step=lambda s, t, loss: ctx.emit(
+            "loss", f"round {label} step {s}/{t}", s, t, round=r, loss=loss, removed=removed
+        ),
+        on_stage=lambda _: ctx.stage("finetune", f"round {label}: fine-tuning the group of block {removed}"),
+        should_stop=ctx.should_stop,
+    )
+    after = index.original[:p] + index.original[p + 1 :]  # original index of each block once p is gone
+    return {
+        "loss_before": result.loss_before,
+        "loss_after": result.loss_after,
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_last": result.losses[-1] if result.losses else None,
+        "losses": result.losses,
+        "steps": len(result.losses),
+        "absorbed": [
+            {"block": after[t], "linear": name, "share": share}
+            for t, shares in result.absorbed.items()
+            for name, share in shares.items()
+        ],
+    }

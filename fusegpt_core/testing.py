@@ -38,8 +38,48 @@ _LLAMA_LIKE = {
 }
 
 
-def tiny_config(family: str = "llama", num_layers: int = 6, hidden: int = 32, vocab: int = 259):
+def tiny_config(
+    family: str = "llama", num_layers: int = 6, hidden: int = 32, vocab: int = 259, sliding_window: int | None = None
+):
+    """A small config of `family`. `sliding_window` (tokens) gives Mistral one window for every block,
+    and Qwen2 / Gemma alternating sliding-window and full-attention blocks."""
     common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    if family == "qwen2" and sliding_window is not None:
+        return transformers.Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=sliding_window,
+            layer_types=[("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(num_layers)],
+            **common,
+        )
+    if family == "mistral" and sliding_window is not None:
+        return transformers.MistralConfig(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=sliding_window,
+            **common,
+        )
+    if family in ("gemma2", "gemma3"):
+        config_class = transformers.Gemma2Config if family == "gemma2" else transformers.Gemma3TextConfig
+        return config_class(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            query_pre_attn_scalar=hidden // 4,
+            sliding_window=sliding_window or 16,
+            layer_types=[("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(num_layers)],
+            **common,
+        )
     if family in _LLAMA_LIKE:
         return _LLAMA_LIKE[family](
             hidden_size=hidden,
@@ -77,15 +117,24 @@ def tiny_config(family: str = "llama", num_layers: int = 6, hidden: int = 32, vo
     raise ValueError(f"unknown family {family}")
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "phi")
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "phi", "gemma2", "gemma3")
 
 
-def tiny_model(family: str = "llama", num_layers: int = 6, seed: int = 0, hidden: int = 32):
+def tiny_model(
+    family: str = "llama",
+    num_layers: int = 6,
+    seed: int = 0,
+    hidden: int = 32,
+    attn_implementation: str | None = None,
+    sliding_window: int | None = None,
+):
     """A random tiny causal LM in eval mode, fp32, requires_grad off. Biases (where the family has
     them) are randomised too so bias fusion is exercised."""
     torch.manual_seed(seed)
-    config = tiny_config(family, num_layers, hidden)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config = tiny_config(family, num_layers, hidden, sliding_window=sliding_window)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation=attn_implementation
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -128,3 +177,42 @@ def state_hash(model: torch.nn.Module) -> str:
         h.update(key.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def reference_mi(model: torch.nn.Module, windows: torch.Tensor) -> list[float]:
+    """Macro Influence from whole-model forwards, block i skipped by a hook that hands its input on:
+    the model builds every mask and rotary table itself, so this checks what capture.py records.
+    windows: (n, seq) token ids. The final hidden state is the final norm's input."""
+    import torch.nn.functional as F
+
+    from .adapters import get_blocks, get_final_norm
+
+    blocks = get_blocks(model)
+    store = {}
+
+    def keep_final(module, args):
+        store["final"] = args[0].detach()  # (n, seq, hidden)
+
+    def skip(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def final_hidden(skipped: int | None) -> torch.Tensor:
+        handle = blocks[skipped].register_forward_hook(skip, with_kwargs=True) if skipped is not None else None
+        try:
+            model(input_ids=windows, use_cache=False)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return store["final"]
+
+    norm_handle = get_final_norm(model).register_forward_pre_hook(keep_final)
+    try:
+        dense = final_hidden(None)
+        return [
+            1.0 - F.cosine_similarity(dense.float(), final_hidden(i).float(), dim=-1).mean().item()
+            for i in range(len(blocks))
+        ]
+    finally:
+        norm_handle.remove()

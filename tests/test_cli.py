@@ -49,7 +49,7 @@ def test_fuse_writes_report_and_loadable_model(tiny_dir, text_file, tmp_path):
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    for key in ("dense_ppl", "dropped_ppl", "fused_ppl", "removed_blocks", "num_layers_before", "num_layers_after"):
+    for key in ("dense_ppl", "dropped_ppl", "result_ppl", "removed_blocks", "num_layers_before", "num_layers_after"):
         assert key in report
     assert report["num_layers_before"] == 6 and report["num_layers_after"] == 4
     assert set(report["seconds"]) >= {"score", "fuse", "finetune", "evaluate", "export"}
@@ -59,7 +59,7 @@ def test_fuse_writes_report_and_loadable_model(tiny_dir, text_file, tmp_path):
     # the report reproduces the run
     again = tmp_path / "again"
     assert main(["fuse", "--recipe", str(out / "report.json"), "--out", str(again), "--quiet"]) == 0
-    assert json.loads((again / "report.json").read_text())["fused_ppl"] == pytest.approx(report["fused_ppl"])
+    assert json.loads((again / "report.json").read_text())["result_ppl"] == pytest.approx(report["result_ppl"])
     # an existing export is never overwritten silently
     assert main(["fuse", "--recipe", str(out / "report.json"), "--out", str(out), "--quiet"]) == 2
 

@@ -99,7 +99,7 @@ def test_prefix_states_match_a_full_pass_and_forget_what_a_round_changed():
     inputs = capture_block_inputs(model, windows, batch_size=2)
     prefix = PrefixStates(inputs, stride=2)
     blocks = list(get_blocks(model))
-    torch.testing.assert_close(prefix.at(blocks, 5, 2), run_blocks(blocks[:5], inputs.hidden, inputs.kwargs))
+    torch.testing.assert_close(prefix.at(blocks, 5, 2), run_blocks(blocks[:5], inputs.hidden, inputs.calls))
     assert sorted(prefix.saved) == [2, 4]  # boundaries passed on the way
     # a round changes block 3 (and removes it): states after block 3 are stale, the ones before stay
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_prefix_states_match_a_full_pass_and_forget_what_a_round_changed():
     assert sorted(prefix.saved) == [2]
     remove_blocks(model, [3])
     blocks = list(get_blocks(model))
-    torch.testing.assert_close(prefix.at(blocks, 6, 2), run_blocks(blocks[:6], inputs.hidden, inputs.kwargs))
+    torch.testing.assert_close(prefix.at(blocks, 6, 2), run_blocks(blocks[:6], inputs.hidden, inputs.calls))
     # the memory cap: nothing is kept when one state set does not fit
     small = PrefixStates(inputs, stride=1, max_bytes=inputs.hidden.numel() * inputs.hidden.element_size() - 1)
     small.at(blocks, 4, 2)

@@ -44,11 +44,11 @@ def test_one_fusion_round_exports_a_plain_29_block_model(bundled, recipe, tmp_pa
     result = run(recipe, bundled)
     r = result.report
     assert r["num_layers_after"] == 29 and r["removed_blocks"] == [17]
-    assert math.isfinite(r["fused_ppl"]) and r["fused_ppl"] < 2 * r["dense_ppl"]
+    assert math.isfinite(r["result_ppl"]) and r["result_ppl"] < 2 * r["dense_ppl"]
     folder = export_model(result.model, result.tokenizer, tmp_path / "smol-29", r)
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     _, evals = load_windows(recipe, bundled.tokenizer)
-    assert perplexity(reloaded, evals) == pytest.approx(r["fused_ppl"], rel=1e-4)
+    assert perplexity(reloaded, evals) == pytest.approx(r["result_ppl"], rel=1e-4)
     assert perplexity(bundled.model, evals) == before  # the session's model is untouched
     text = generate(reloaded, result.tokenizer, "What is the capital of France?", max_new_tokens=8)
     assert isinstance(text, str) and text

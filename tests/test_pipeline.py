@@ -10,8 +10,9 @@ from fusegpt_core.errors import Cancelled, PlanError
 from fusegpt_core.evaluate import perplexity
 from fusegpt_core.export import ExportError, export_model, safe_export_dir
 from fusegpt_core.fused_linear import FusedLinear
+from fusegpt_core.loading import LoadedModel
 from fusegpt_core.pipeline import run
-from fusegpt_core.testing import tiny_loaded_model
+from fusegpt_core.testing import FAMILIES, tiny_loaded_model, tiny_model, tiny_tokenizer
 
 
 def _state(model):
@@ -33,13 +34,13 @@ def test_methods_run_and_leave_the_original_untouched(method, windows):
     assert len(get_blocks(loaded.model)) == 6
     assert r["num_layers_before"] == 6 and r["num_layers_after"] == 4
     assert len(r["removed_blocks"]) == 2 and len(set(r["removed_blocks"])) == 2
-    assert all(math.isfinite(r[k]) for k in ("dense_ppl", "dropped_ppl", "fused_ppl"))
+    assert all(math.isfinite(r[k]) for k in ("dense_ppl", "dropped_ppl", "result_ppl"))
     assert r["params_after"] < r["params_before"]
     assert not any(isinstance(m, FusedLinear) for m in result.model.modules())  # folded
     assert {"score", "evaluate"} <= set(r["seconds"])
     assert r["recipe"]["method"] == method
     if method == "drop":
-        assert r["fused_ppl"] == pytest.approx(r["dropped_ppl"])
+        assert r["result_ppl"] == pytest.approx(r["dropped_ppl"])
     if method in ("fusegpt", "drop+lora"):
         assert any(e.kind == "loss" for e in events)
         for rnd in r["rounds"]:
@@ -53,7 +54,7 @@ def test_fusion_beats_dropping_on_its_calibration_data(windows):
     loaded = tiny_loaded_model("llama", 6)
     recipe = preset("tiny", method="fusegpt", blocks=[2], **{"distill.epochs": 6})
     r = run(recipe, loaded, windows=(windows[:8], windows[:8])).report
-    assert r["fused_ppl"] < r["dropped_ppl"]
+    assert r["result_ppl"] < r["dropped_ppl"]
 
 
 def test_manual_blocks_and_targets(windows):
@@ -122,21 +123,61 @@ def test_divergence_rolls_the_round_back(windows, epochs, batch):
     assert "exploded" in r["rounds"][-1]["error"]  # caught before it turned into NaN
     # the model is the pre-round state: every removed block is accounted for, the result works
     assert r["num_layers_after"] == 6 - len(r["removed_blocks"])
-    assert math.isfinite(r["fused_ppl"])
+    assert math.isfinite(r["result_ppl"])
 
 
-def test_export_reload_same_perplexity(tmp_path, windows):
-    loaded = tiny_loaded_model("qwen2", 6)  # biases fused too
+FAMILY_CASES = [(f, None) for f in FAMILIES] + [("qwen2", 16)]  # Qwen2 with alternating sliding-window blocks
+
+
+@pytest.mark.parametrize("family, window", FAMILY_CASES)
+def test_every_family_fuses_folds_exports_and_reloads_with_the_same_perplexity(family, window, tmp_path, windows):
+    model = tiny_model(family, 6, sliding_window=window)
+    loaded = LoadedModel(model, tiny_tokenizer(), f"tiny-{family}", "tiny", 0.0)
     result = run(preset("tiny"), loaded, windows=(windows[:8], windows[8:]))
+    assert result.report["status"] == "done"
     folder = export_model(result.model, result.tokenizer, tmp_path / "out", result.report)
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
-    assert reloaded.config.num_hidden_layers == 4
+    assert len(get_blocks(reloaded)) == 4 and not any(isinstance(m, FusedLinear) for m in reloaded.modules())
     ppl = perplexity(reloaded, windows[8:])
-    assert ppl == pytest.approx(result.report["fused_ppl"], rel=1e-5)
+    assert ppl == pytest.approx(result.report["result_ppl"], rel=1e-5)
     assert (folder / "model.safetensors").exists() and (folder / "recipe.json").exists()
-    assert "FuseGPT" in (folder / "README.md").read_text()
     with pytest.raises(ExportError, match="already exists"):
         export_model(result.model, result.tokenizer, folder, result.report)
+
+
+@pytest.mark.parametrize(
+    "overrides, says, never",
+    [
+        ({"method": "fusegpt"}, ["fused into its neighbours", "Macro Influence", "re-scored"], ["picked by hand"]),
+        ({"method": "drop"}, ["deleted, with no repair", "Macro Influence"], ["fused", "FuseGPT (arXiv"]),
+        ({"method": "drop+lora"}, ["LoRA"], ["fused into"]),
+        ({"method": "average", "blocks": [3, 1]}, ["averaged", "picked by hand"], ["fused", "Macro Influence"]),
+        (
+            {"method": "fusegpt", "selection": "one-shot", "candidates": 2},
+            ["scored once", "among the 2"],
+            ["re-scored"],
+        ),
+    ],
+)
+def test_the_model_card_says_what_was_done(overrides, says, never, windows):
+    from fusegpt_core.export import model_card
+
+    result = run(preset("tiny", **overrides), tiny_loaded_model("llama", 6), windows=(windows[:8], windows[8:]))
+    card = model_card({**result.report, "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"})
+    for text in says:
+        assert text in card
+    for text in never:
+        assert text not in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "\n# SmolLM2-135M-Instruct, 2 of 6 blocks removed" in card
+
+
+def test_rounds_record_what_each_target_absorbed(windows):
+    r = run(preset("tiny", blocks=[2]), tiny_loaded_model("llama", 6), windows=(windows[:8], windows[8:])).report
+    absorbed = r["rounds"][0]["absorbed"]
+    assert {a["block"] for a in absorbed} == set(r["rounds"][0]["targets"])
+    assert all(a["share"] > 0 for a in absorbed)  # trained coefficients are no longer zero
+    assert len(absorbed) == len(r["rounds"][0]["targets"]) * 7  # Llama: 7 linears per block
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "x" * 200, "/abs"])
@@ -154,7 +195,7 @@ def test_absorbability_aware_selection_picks_among_the_lowest(windows):
     from fusegpt_core.capture import capture_block_inputs
     from fusegpt_core.fusion import plan_group
     from fusegpt_core.importance import score_blocks
-    from fusegpt_core.pipeline import removal_error
+    from fusegpt_core.selection import removal_error
 
     loaded = tiny_loaded_model("llama", 6)
     calib = windows[:8]
@@ -171,9 +212,9 @@ def test_absorbability_aware_selection_picks_among_the_lowest(windows):
 
 @pytest.mark.parametrize("lr_settled, kept", [(0, True), (None, False)])
 def test_earlier_rounds_coefficients_stay_frozen_when_their_rate_is_zero(lr_settled, kept, windows, monkeypatch):
-    import fusegpt_core.pipeline as pipeline
+    import fusegpt_core.fusion as fusion
 
-    real_finetune = pipeline.finetune
+    real_finetune = fusion.finetune
     checked = []
 
     def watching_finetune(blocks, *args, **kwargs):
@@ -185,7 +226,7 @@ def test_earlier_rounds_coefficients_stay_frozen_when_their_rate_is_zero(lr_sett
             checked.append(all(torch.equal(a, b) for a, b in zip(settled, after)))
         return result
 
-    monkeypatch.setattr(pipeline, "finetune", watching_finetune)
+    monkeypatch.setattr(fusion, "finetune", watching_finetune)
     loaded = tiny_loaded_model("llama", 6)
     recipe = preset("tiny", blocks=[2, 3], **{"distill.lr_settled": lr_settled})  # overlapping groups
     r = run(recipe, loaded, windows=(windows[:8], windows[8:])).report

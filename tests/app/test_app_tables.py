@@ -8,7 +8,7 @@ def _report(**kw):
         method="fusegpt",
         dense_ppl=10.0,
         dropped_ppl=20.0,
-        fused_ppl=12.0,
+        result_ppl=12.0,
         removed_blocks=[3, 1],
         num_layers_before=6,
         num_layers_after=4,
@@ -26,7 +26,7 @@ def _report(**kw):
 def test_compare_table_rows():
     runs = [
         {"label": "#1 fusegpt", "report": _report(), "bytes_before": 8 * 2**20, "bytes_after": 6 * 2**20},
-        {"label": "#2 drop", "report": _report(method="drop", fused_ppl=20.0)},
+        {"label": "#2 drop", "report": _report(method="drop", result_ppl=20.0)},
     ]
     df = tables.compare_table(runs)
     assert list(df.columns) == tables.COMPARE_COLUMNS

@@ -64,7 +64,7 @@ def test_render_session_with_a_run(built):
         "method": "fusegpt",
         "dense_ppl": 10.0,
         "dropped_ppl": 15.0,
-        "fused_ppl": 11.0,
+        "result_ppl": 11.0,
         "removed_blocks": [4],
         "num_layers_before": 6,
         "num_layers_after": 5,
