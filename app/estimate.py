@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from fusegpt_core.config import Recipe
+from fusegpt_core.evaluate import SPEED_REPEATS
+from fusegpt_core.selection import PROBE_WINDOWS
 
 BACKWARD_FACTOR = 2.0  # a backward pass costs about twice a forward
 # every FuseGPT training step rebuilds the training terms of each fused weight (C_k D_k * W_k, and
@@ -33,12 +35,33 @@ def mi_pass_forwards(n_blocks: int, use_cache: bool) -> int:
     return block_forward_count(n_blocks, use_cache)
 
 
-def estimate_run(recipe: Recipe, n_blocks: int, block_seconds: float, timed_seq_len: int) -> dict[str, Any]:
+def _group(recipe: Recipe, round_index: int, n_cur: int) -> tuple[int, int]:
+    """(blocks the group's fine-tuning runs through, blocks that absorb the removed one) in a round:
+    the reference window of `group_size`, or the span of the user's custom targets."""
+    g = min(recipe.fusion.group_size, n_cur)
+    if recipe.blocks is None or not recipe.fusion.targets:
+        return g, g - 1
+    removed = recipe.blocks[round_index]
+    targets = recipe.fusion.targets.get(removed)
+    if not targets:
+        return g, g - 1
+    members = [removed, *targets]
+    return min(max(members) - min(members) + 1, n_cur), len(targets)
+
+
+def estimate_run(
+    recipe: Recipe,
+    n_blocks: int,
+    block_seconds: float,
+    timed_seq_len: int,
+    decode_token_seconds: float | None = None,
+) -> dict[str, Any]:
     """Seconds per stage for `recipe` on a model with `n_blocks` blocks.
 
     block_seconds: one block forward on ONE window of `timed_seq_len` tokens, measured on the
     loaded model. Work scales linearly with tokens (attention's quadratic part is small at these
-    lengths)."""
+    lengths). decode_token_seconds: one generated token with the KV cache, measured too (the speed
+    stage is many single-token steps, which a batch forward does not predict)."""
     per_window = block_seconds * recipe.data.seq_len / max(timed_seq_len, 1)
     d = recipe.data
     k = len(recipe.blocks) if recipe.blocks is not None else recipe.remove
@@ -47,26 +70,30 @@ def estimate_run(recipe: Recipe, n_blocks: int, block_seconds: float, timed_seq_
     score = finetune = 0.0
     for r in range(k):
         n_cur = n_blocks - r
+        span, absorbers = _group(recipe, r, n_cur)
         if chooses and (recipe.selection == "iterative" or r == 0):
             # ppl also runs the LM head per skip; counted as one more block
             extra = 1.0 if recipe.metric == "ppl" else 0.0
             score += (mi_pass_forwards(n_cur, recipe.use_prefix_cache) + extra * n_cur) * d.n_score * per_window
+        if chooses and recipe.candidates > 1:  # each candidate's removal error: prefix + group on the probe windows
+            score += recipe.candidates * (n_cur / 2 + span) * PROBE_WINDOWS * per_window
         if recipe.method in ("fusegpt", "drop+lora"):
-            g = min(recipe.fusion.group_size, n_cur)
             prefix = n_cur / 8  # group inputs continue from states saved every 1/8 of the depth
-            teacher = (prefix + g) * d.n_calib
-            student = (g - 1) * (1 + BACKWARD_FACTOR) * d.n_calib * recipe.distill.epochs
+            teacher = (prefix + span) * d.n_calib
+            student = (span - 1) * (1 + BACKWARD_FACTOR) * d.n_calib * recipe.distill.epochs
             if recipe.method == "fusegpt":
                 steps = -(-d.n_calib // recipe.distill.batch_size) * recipe.distill.epochs
                 rebuild = terms_per_step(recipe, r) * REBUILD_TOKENS_PER_TERM
-                student += (g - 1) * steps * rebuild / max(d.seq_len, 1)
-            finetune += (teacher + student + 2 * g * d.n_calib) * per_window
+                student += absorbers * steps * rebuild / max(d.seq_len, 1)
+            finetune += (teacher + student + 2 * span * d.n_calib) * per_window
     evaluate = (n_blocks + 2 * (n_blocks - k)) * d.n_eval * per_window * 1.2  # plus embeddings and the head
     speed = 0.0
     if recipe.eval.measure_speed:
-        # decode: one token through every block, 4 generations (warm-up + 3) per model, two models
-        per_token = block_seconds / max(timed_seq_len, 1) * 4  # single-token steps are inefficient
-        speed = 4 * recipe.eval.speed_tokens * (2 * n_blocks - k) * per_token + 1.0
+        if decode_token_seconds is None:  # no decode timing: single-token steps ~ 30x a batch token
+            decode_token_seconds = 30 * block_seconds * n_blocks / max(timed_seq_len, 1)
+        # a warm-up and SPEED_REPEATS timed generations for each model; the result has fewer blocks
+        per_model = (1 + SPEED_REPEATS) * recipe.eval.speed_tokens * decode_token_seconds
+        speed = per_model * (1 + (n_blocks - k) / max(n_blocks, 1))
     stages = {"score": score, "fine-tune": finetune, "evaluate": evaluate, "speed": speed}
     return {"stages": stages, "total": sum(stages.values()), "rounds": k}
 

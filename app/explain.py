@@ -14,7 +14,7 @@ MODEL = """
 **Step 1: the model.** The bundled model is *SmolLM2-135M-Instruct* (30 blocks, runs on a laptop
 CPU, no download). You can also give a folder with a Hugging Face model, a `.gguf` file, or a Hub
 id such as `HuggingFaceTB/SmolLM2-360M-Instruct` (needs internet). Supported families: Llama,
-Mistral, Qwen2, GPT-2, OPT, Phi.
+Mistral, Qwen2, Gemma-2, Gemma-3, GPT-2, OPT, Phi.
 """
 
 IMPORTANCE = """
@@ -50,7 +50,8 @@ PLAN = """
 MI choose for a target number of blocks. Each removed block is fused into a **group** of
 neighbours (by default the 7 blocks around it, as in the paper); you can pick the targets yourself.
 The **drop preview** shows what removing those blocks *without any repair* does to perplexity:
-this is the damage fusion has to undo.
+this is the damage fusion has to undo. The estimate says how long a run of this plan takes with
+each preset; **quick** is the one to start with.
 """
 
 RUN = """
@@ -60,6 +61,9 @@ dropped"), then the group is fine-tuned to reproduce the original group's output
 distillation). Loss curves show each group learning. **Stop** ends the run between two steps; the
 loaded model is never modified. Baselines run the same plan for comparison: *drop* (no repair),
 *drop + LoRA* (repair with a plain adapter, same training), *average* (merge weights by averaging).
+After each round, *what each neighbour absorbed* shows how much of the removed block every linear
+of every target took in. A `recipe.json` from an earlier run (Advanced settings) restores its plan
+and settings.
 """
 
 COMPARE = """

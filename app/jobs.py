@@ -231,8 +231,9 @@ class JobRunner:
             now = time.monotonic()
             elapsed = (job.finished_at or now) - job.started if job.started else 0.0
             eta = job.eta_s
-            if job.eta_override is not None:
-                eta = max(job.eta_override - (now - job.eta_set_at), 0.0)
+            if job.eta_override is not None:  # past its own estimate a job says nothing rather than "0 s"
+                left = job.eta_override - (now - job.eta_set_at)
+                eta = left if left > 0 else None
             return JobSnapshot(
                 id=job.id,
                 owner=job.owner,

@@ -14,6 +14,8 @@ TARGET = "#1f77b4"
 KEPT = "#dfe3e8"
 EARLIER = "#8c8c8c"
 FONT = dict(size=12)
+# one colour per method in the compare chart: the original grey, plain dropping dark grey
+METHOD_COLOURS = {"-": KEPT, "drop": EARLIER, "fusegpt": TARGET, "drop+lora": "#ff7f0e", "average": "#9467bd"}
 
 DEFAULT_LABELS = {
     "mi": "Macro Influence",
@@ -23,11 +25,19 @@ DEFAULT_LABELS = {
 }
 
 
+# gradio's gr.Plot raises a titled figure's top margin to 100 px. A heatmap's colour bar needs room
+# for its title inside the plot area: a one-row heatmap 200 px high left it -9 px long, plotly.js
+# 3.3 (gradio's) threw "Something went wrong with axis scaling", and a Plot that threw once kept
+# throwing and stopped the page's updates. Every figure here keeps a plot area of at least
+# MIN_PLOT_PX, and colour bar titles stay on one line.
+TOP_MARGIN, BOTTOM_MARGIN, MIN_PLOT_PX = 100, 45, 130
+
+
 def _layout(fig: go.Figure, title: str, height: int = 320) -> go.Figure:
     fig.update_layout(
         title=dict(text=title, x=0.01, xanchor="left", font=dict(size=14)),
-        height=height,
-        margin=dict(l=60, r=20, t=50, b=45),
+        height=max(int(height), TOP_MARGIN + BOTTOM_MARGIN + MIN_PLOT_PX),
+        margin=dict(l=60, r=20, t=TOP_MARGIN, b=BOTTOM_MARGIN),
         font=FONT,
         paper_bgcolor="rgba(0,0,0,0)",
         plot_bgcolor="rgba(0,0,0,0)",
@@ -110,7 +120,7 @@ def importance_heatmap(
             rows,
             n,
             [labels.get(k, k) for k in keys],
-            colorbar_title="rank<br>in metric",
+            colorbar_title="rank",
             hovertemplate="block %{x}<br>%{y}: %{customdata:.4g}<br>rank %{z:.2f} (0 = least important)<extra></extra>",
         )
     )
@@ -125,7 +135,7 @@ def importance_heatmap(
         )
     fig.update_xaxes(title_text="block (original index)", dtick=1 if n <= 40 else 5)
     fig.update_yaxes(autorange="reversed")
-    return _layout(fig, title, height=170 + 38 * len(keys))
+    return _layout(fig, title, height=150 + 38 * len(keys))
 
 
 def rank_agreement_heatmap(agreement: pd.DataFrame, labels: dict[str, str] | None = None) -> go.Figure:
@@ -173,7 +183,7 @@ def trajectory_heatmap(
             trajectory,
             n,
             steps,
-            colorbar_title="MI rank<br>in its step",
+            colorbar_title="MI rank",
             hovertemplate="%{y}, block %{x}<br>MI %{customdata:.4g}<extra></extra>",
         )
     )
@@ -192,7 +202,7 @@ def trajectory_heatmap(
     fig.update_layout(showlegend=bool(marks), legend=dict(orientation="h", y=-0.25))
     fig.update_xaxes(title_text="block (original index)", dtick=1 if n <= 40 else 5)
     fig.update_yaxes(autorange="reversed")
-    return _layout(fig, title, height=170 + 30 * len(trajectory))
+    return _layout(fig, title, height=150 + 30 * len(trajectory))
 
 
 def block_diagram(
@@ -270,7 +280,7 @@ def block_diagram(
     fig.update_layout(showlegend=True, legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     fig.update_xaxes(title_text="block (original index)", dtick=1 if num_blocks <= 40 else 5, showgrid=False)
     fig.update_yaxes(autorange="reversed", showgrid=False)
-    return _layout(fig, title, height=150 + 32 * len(rows))
+    return _layout(fig, title, height=130 + 32 * len(rows))
 
 
 def loss_curves(series: dict[str, Sequence[tuple[int, float]]], title: str = "Group fine-tuning loss") -> go.Figure:
@@ -295,7 +305,9 @@ def loss_curves(series: dict[str, Sequence[tuple[int, float]]], title: str = "Gr
         )
     if lo > 0 and hi / lo > 10:
         fig.update_yaxes(type="log")
-    fig.update_xaxes(title_text="optimiser step in the group")
+    last = max((s for points in series.values() for s, v in points if _finite(v)), default=1)
+    # whole steps only: a tick every step for short rounds, about ten ticks for long ones
+    fig.update_xaxes(title_text="optimiser step in the group", tick0=0, dtick=max(1, math.ceil(last / 10)))
     fig.update_yaxes(title_text="loss")
     fig.update_layout(legend=dict(orientation="h", y=-0.3))
     return _layout(fig, title, height=340)
@@ -308,10 +320,8 @@ def compare_chart(table: pd.DataFrame) -> go.Figure:
     df = table[table["perplexity"].map(_finite)]
     if df.empty:
         return empty_figure("No perplexity measured yet")
-    colours = []
-    for name in df["model"]:
-        low = str(name).lower()
-        colours.append(KEPT if low.startswith("original") else EARLIER if low.startswith("dropped") else TARGET)
+    methods = df["method"] if "method" in df else ["?"] * len(df)
+    colours = [METHOD_COLOURS.get(str(m).split(" ")[0], TARGET) for m in methods]
     text = [
         f"{p:.2f}" + (f"<br>{params / 1e6:.1f}M params" if _finite(params) else "")
         for p, params in zip(df["perplexity"], df.get("params", [None] * len(df)))
@@ -337,3 +347,31 @@ def compare_chart(table: pd.DataFrame) -> go.Figure:
     else:
         fig.update_yaxes(title_text="perplexity (lower is better)", range=[0, top * 1.25])
     return _layout(fig, "Perplexity on the evaluation text", height=360)
+
+
+def absorbed_heatmap(rows: Sequence[dict], removed: int, round_number: int) -> go.Figure:
+    """What one round's targets took in: rows = target blocks, columns = linears, colour = share
+    ||(C D) * W_removed|| / ||W_own|| of each fused linear (rows: {'block', 'linear', 'share'})."""
+    if not rows:
+        return empty_figure("What each neighbour absorbed appears after a fusion round")
+    blocks = sorted({int(r["block"]) for r in rows})
+    linears = list(dict.fromkeys(str(r["linear"]) for r in rows))
+    share = {(int(r["block"]), str(r["linear"])): float(r["share"]) for r in rows}
+    z = [[share.get((b, name)) for name in linears] for b in blocks]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[name.split(".")[-1] for name in linears],
+            y=[f"block {b}" for b in blocks],
+            colorscale="Blues",
+            zmin=0,
+            xgap=1,
+            ygap=1,
+            colorbar=dict(title=dict(text="share")),
+            hovertemplate="%{y}, %{x}: took in %{z:.3g} x its own weight's norm<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category")
+    title = f"Round {round_number}: how much of block {removed} each neighbour took in, per linear"
+    return _layout(fig, title, height=150 + 28 * len(blocks))

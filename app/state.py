@@ -26,6 +26,8 @@ from typing import Any
 from fusegpt_core.errors import ModelLoadError
 
 from .jobs import FINISHED, JobRunner
+from .plan import Plan
+from .recipes import RunSettings, TextChoice
 
 log = logging.getLogger("fusegpt.app.state")
 
@@ -35,7 +37,7 @@ PROMPTS_PATH = ASSETS / "prompts.json"
 TEST_MODEL_ENV = "FUSEGPT_APP_TEST_MODEL"
 TEST_SOURCE = "tiny (test model)"
 
-VIEWS = ("model", "importance", "trajectory", "plan", "preview", "runs", "generations", "export")
+VIEWS = ("model", "importance", "trajectory", "plan", "settings", "preview", "runs", "generations", "export")
 
 
 @dataclass
@@ -69,7 +71,11 @@ class Session:
     """{'scores': {metric: [float]}, 'agreement': DataFrame, 'origin': str, 'settings': dict}."""
     trajectory: dict[str, Any] | None = None
     """{'rows': [[float|None]], 'removed': [int], 'origin': str}."""
-    plan: dict[str, Any] = field(default_factory=lambda: {"blocks": [], "targets": {}, "mode": "manual"})
+    plan: Plan = field(default_factory=Plan)
+    settings: RunSettings = field(default_factory=RunSettings)
+    """The Run tab's preset, method, baselines and knobs as last used (restored on reload)."""
+    text: TextChoice = field(default_factory=TextChoice)
+    """The text for scoring, preview and runs as last chosen (restored on reload)."""
     preview: dict[str, Any] | None = None
     runs: list[RunRecord] = field(default_factory=list)
     generations: list[dict[str, Any]] | None = None
@@ -78,6 +84,8 @@ class Session:
     jobs: list[int] = field(default_factory=list)
     batch_blocks: dict[int, list[int]] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=lambda: {v: 0 for v in VIEWS})
+    figures: dict[tuple[str, str], Any] = field(default_factory=dict)
+    """Figures waiting for their Plot's own event, by (page, plot id) (see ui.Shell.deliver)."""
     next_run_id: int = 1
 
     def bump(self, *views: str) -> None:

@@ -15,10 +15,12 @@ COMPARE_COLUMNS = [
     "params (M)",
     "perplexity",
     "vs original",
-    "tokens/s",
-    "memory (MB)",
+    "decode tokens/s (median)",
+    "tokens/s range",
+    "weights (MB)",
     "removed blocks",
 ]
+NOT_MEASURED = "not measured"
 
 
 def _num(v: Any) -> float | None:
@@ -94,7 +96,9 @@ def rounds_table(rounds: Sequence[dict[str, Any]]) -> pd.DataFrame:
         first, last = _num(r.get("loss_first")), _num(r.get("loss_last"))
         rows.append(
             {
-                "round": r.get("round"),
+                "round": r["round"] + 1
+                if isinstance(r.get("round"), int)
+                else None,  # 1-based, as everywhere on screen
                 "removed": r.get("removed"),
                 "targets": ", ".join(str(t) for t in r.get("targets") or []),
                 "loss first": None if first is None else round(first, 5),
@@ -108,80 +112,61 @@ def rounds_table(rounds: Sequence[dict[str, Any]]) -> pd.DataFrame:
 def compare_table(runs: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Original, dropped-only and each run, one row each.
 
-    `runs`: dicts with 'label', 'report' (the pipeline's report) and optionally 'bytes_before',
-    'bytes_after' (model memory; else taken from the report). The original and dropped rows come from the reports themselves:
-    one original row (the latest report's), one dropped row per distinct set of removed blocks."""
-    rows: list[dict[str, Any]] = []
+    `runs`: dicts with 'label' and 'report' (the pipeline's report). The original row comes from the
+    latest report; a "dropped" row (the same blocks deleted with no repair, measured by each run) is
+    added per distinct set of removed blocks unless a drop run of those blocks is already a row."""
     if not runs:
         return pd.DataFrame(columns=COMPARE_COLUMNS)
     latest = runs[-1]["report"]
-    before = next((b for b in (_bytes(r, "bytes_before") for r in reversed(runs)) if b is not None), None)
-    rows.append(
-        _row(
-            "original",
-            "-",
-            latest.get("num_layers_before"),
-            latest.get("params_before"),
-            latest.get("dense_ppl"),
-            latest.get("dense_ppl"),
-            latest.get("tokens_per_s_before"),
-            before,
-            [],
-        )
-    )
+    dense = latest.get("dense_ppl")
+    before = next((r["report"] for r in reversed(runs) if _num(r["report"].get("bytes_before")) is not None), latest)
+    rows = [
+        _row("original", "-", latest.get("num_layers_before"), latest.get("params_before"), dense, dense,
+             _speed(latest, "before"), before.get("bytes_before"), [])
+    ]  # fmt: skip
+    drop_runs = {tuple(r["report"].get("removed_blocks") or []) for r in runs if r["report"].get("method") == "drop"}
     seen_drops: set[tuple[int, ...]] = set()
     for run in runs:
         rep = run["report"]
         removed = tuple(rep.get("removed_blocks") or [])
-        if removed and removed not in seen_drops and _num(rep.get("dropped_ppl")) is not None:
-            seen_drops.add(removed)
-            rows.append(
-                _row(
-                    f"dropped {list(removed)}",
-                    "drop (no healing)",
-                    rep.get("num_layers_after"),
-                    rep.get("params_after"),
-                    rep.get("dropped_ppl"),
-                    latest.get("dense_ppl"),
-                    None,
-                    _bytes(run, "bytes_after"),
-                    removed,
-                )
-            )
+        if not removed or removed in seen_drops or removed in drop_runs or _num(rep.get("dropped_ppl")) is None:
+            continue
+        seen_drops.add(removed)
+        rows.append(
+            _row(f"dropped {list(removed)}", "drop (no healing)", rep.get("num_layers_after"), rep.get("params_after"),
+                 rep.get("dropped_ppl"), dense, None, rep.get("bytes_after"), removed)
+        )  # fmt: skip
     for run in runs:
         rep = run["report"]
-        status = rep.get("status", "done")
-        label = (
-            run["label"]
-            + (" (partial)" if rep.get("partial") else "")
-            + (" (diverged)" if status == "diverged" else "")
-        )
+        label = run["label"] + (" (partial)" if rep.get("partial") else "")
+        label += " (diverged)" if rep.get("status", "done") == "diverged" else ""
         rows.append(
-            _row(
-                label,
-                rep.get("method", "?"),
-                rep.get("num_layers_after"),
-                rep.get("params_after"),
-                rep.get("result_ppl"),
-                latest.get("dense_ppl"),
-                rep.get("tokens_per_s_after"),
-                _bytes(run, "bytes_after"),
-                rep.get("removed_blocks") or [],
-            )
-        )
+            _row(label, rep.get("method", "?"), rep.get("num_layers_after"), rep.get("params_after"),
+                 rep.get("result_ppl"), dense, _speed(rep, "after"), rep.get("bytes_after"),
+                 rep.get("removed_blocks") or [])
+        )  # fmt: skip
     return pd.DataFrame(rows, columns=COMPARE_COLUMNS)
 
 
-def _bytes(run: dict[str, Any], key: str) -> float | None:
-    value = run.get(key)
-    return _num(value if value is not None else run["report"].get(key))
+def _speed(report: dict[str, Any], when: str) -> dict[str, Any] | None:
+    """The report's decode-speed measurement ('before' or 'after'): median, low, high, repeats."""
+    speed = report.get(f"speed_{when}")
+    if isinstance(speed, dict) and _num(speed.get("median")) is not None:
+        return speed
+    median = _num(report.get(f"tokens_per_s_{when}"))  # reports written before medians were kept
+    return {"median": median} if median is not None else None
 
 
-def _row(model, method, blocks, params, ppl, dense, tps, nbytes, removed) -> dict[str, Any]:
+def _row(model, method, blocks, params, ppl, dense, speed, nbytes, removed) -> dict[str, Any]:
     ppl, dense = _num(ppl), _num(dense)
     delta = None
     if ppl is not None and dense:
         delta = f"{(ppl / dense - 1) * 100:+.1f}%"
+    spread = NOT_MEASURED
+    if speed and _num(speed.get("low")) is not None:
+        spread = f"{speed['low']:.1f} to {speed['high']:.1f} ({speed.get('repeats', '?')} runs)"
+    elif speed:
+        spread = "one figure"
     return {
         "model": model,
         "method": method,
@@ -189,15 +174,36 @@ def _row(model, method, blocks, params, ppl, dense, tps, nbytes, removed) -> dic
         "params (M)": None if _num(params) is None else round(params / 1e6, 2),
         "perplexity": None if ppl is None else round(ppl, 3),
         "vs original": delta or "-",
-        "tokens/s": None if _num(tps) is None else round(tps, 1),
-        "memory (MB)": None if _num(nbytes) is None else round(nbytes / 2**20, 1),
+        "decode tokens/s (median)": round(speed["median"], 1) if speed else None,
+        "tokens/s range": spread,
+        "weights (MB)": None if _num(nbytes) is None else round(nbytes / 2**20, 1),
         "removed blocks": ", ".join(str(b) for b in removed),
     }
 
 
+def compare_caption(runs: Sequence[dict[str, Any]]) -> str:
+    """What each column of the compare table measured."""
+    if not runs:
+        return ""
+    rep = runs[-1]["report"]
+    windows = rep.get("eval_windows")
+    where = f"{windows[0]} windows x {windows[1]} tokens" if windows else f"{rep.get('eval_tokens', '?')} tokens"
+    text = ((rep.get("recipe") or {}).get("data") or {}).get("eval_source", "the evaluation text")
+    speed = rep.get("speed_after") or {}
+    return (
+        f"**Perplexity**: on {where} of `{text}` (the latest run's windows; every run reports its own original "
+        f"and dropped figures on the same windows as its result). **Decode tokens/s**: greedy generation of "
+        f"{speed.get('new_tokens', 32)} tokens with the KV cache, median and range of {speed.get('repeats', 5)} "
+        "timed generations after a warm-up, taken in turns with the original so a busy machine slows both alike; "
+        f"'{NOT_MEASURED}' where the run skipped it. **Weights**: bytes of the parameters in memory."
+    )
+
+
 def chart_frame(table: pd.DataFrame) -> pd.DataFrame:
-    """The compare table reshaped for `plots.compare_chart`: model, perplexity, params."""
+    """The compare table reshaped for `plots.compare_chart`: model, method, perplexity, params."""
     if table.empty:
-        return pd.DataFrame(columns=["model", "perplexity", "params"])
+        return pd.DataFrame(columns=["model", "method", "perplexity", "params"])
     params = table["params (M)"].map(lambda v: None if v is None or pd.isna(v) else v * 1e6)
-    return pd.DataFrame({"model": table["model"], "perplexity": table["perplexity"], "params": params})
+    return pd.DataFrame(
+        {"model": table["model"], "method": table["method"], "perplexity": table["perplexity"], "params": params}
+    )

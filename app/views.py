@@ -6,14 +6,13 @@ ui.py wraps these values into component updates; tests call them directly.
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 
 from . import plots, tables
 from .jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobSnapshot
+from .recipes import TextChoice
 from .state import Session
 
 STATUS_ICON = {QUEUED: "◷", RUNNING: "▶", DONE: "✔", FAILED: "✖", CANCELLED: "■"}
@@ -54,17 +53,11 @@ def status_text(snap: JobSnapshot | None, queued_total: int = 0) -> str:
     return f"{icon} **{snap.title}** failed: {snap.error}"
 
 
-def progress_fraction(snap: JobSnapshot | None) -> float:
-    if snap is None or not snap.total:
-        return 0.0
-    return max(0.0, min(1.0, snap.step / snap.total))
-
-
 # ---- model ----------------------------------------------------------------------------------------
 
 
-def model_table(session: Session) -> pd.DataFrame:
-    if session.model_info is None:
+def model_table(session: Session | None) -> pd.DataFrame:
+    if session is None or session.model_info is None:
         return pd.DataFrame({"property": ["model"], "value": ["not loaded yet"]})
     return tables.model_info_table(session.model_info)
 
@@ -105,7 +98,7 @@ def importance_figures(session: Session) -> tuple[Any, Any, pd.DataFrame, pd.Dat
             pd.DataFrame(),
             pd.DataFrame(),
         )
-    heat = plots.importance_heatmap(imp["scores"], labels, selected=session.plan.get("blocks") or [])
+    heat = plots.importance_heatmap(imp["scores"], labels, selected=session.plan.blocks)
     agreement = imp.get("agreement")
     agreement = agreement if isinstance(agreement, pd.DataFrame) else pd.DataFrame()
     return (
@@ -132,82 +125,56 @@ def trajectory_figure(traj: dict[str, Any] | None, title_suffix: str = "") -> An
 # ---- plan -----------------------------------------------------------------------------------------
 
 
-def removal_order(blocks: Sequence[int], scores: Sequence[float] | None) -> list[int]:
-    """Chosen blocks in the order they will be removed: least important (by MI) first, else by index."""
-    blocks = sorted({int(b) for b in blocks})
-    if scores and len(scores) >= (max(blocks) + 1 if blocks else 0):
-        return sorted(blocks, key=lambda b: (_score(scores[b]), b))
-    return blocks
+def num_blocks(session: Session) -> int:
+    return int((session.model_info or {}).get("blocks") or 0)
 
 
-def _score(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
+def group_size(session: Session) -> int:
+    """The group size the next run will use: the Run tab's setting, never wider than the model."""
+    size = session.settings.int_value("fusion.group_size", 8)
+    n = num_blocks(session)
+    return max(2, min(size, n) if n else size)
 
 
-def lowest_blocks(scores: Sequence[float], k: int) -> list[int]:
-    """The k least important blocks by a one-shot ranking (the iterative run may pick differently)."""
-    order = sorted(range(len(scores)), key=lambda i: (_score(scores[i]), i))
-    return sorted(order[: max(k, 0)])
+def plan_diagram(session: Session, focus: int | None = None) -> Any:
+    n, plan = num_blocks(session), session.plan
+    if plan.auto:
+        return plots.block_diagram(n, [], {}, title=f"Plan: MI will choose {_blocks(plan.remove)} during the run")
+    return plots.block_diagram(n, plan.blocks, plan.groups(n, group_size(session)), focus=focus)
 
 
-def plan_groups(
-    num_blocks: int, order: Sequence[int], custom: dict[int, Sequence[int]], group_size: int
-) -> dict[int, list[int]]:
-    """Removed block -> its fusion targets, in original indices, as the pipeline will form them:
-    the core's reference window on the blocks left at that step, unless custom targets are given."""
-    from fusegpt_core.fusion import plan_group
-
-    remaining = list(range(num_blocks))
-    groups: dict[int, list[int]] = {}
-    for b in order:
-        if b not in remaining or len(remaining) < 2:
-            continue
-        p = remaining.index(b)
-        if b in custom and custom[b]:
-            groups[b] = [int(t) for t in custom[b]]
-        else:
-            groups[b] = [remaining[t] for t in plan_group(p, len(remaining), min(group_size, len(remaining)))]
-        remaining.remove(b)
-    return groups
-
-
-def plan_diagram(session: Session, group_size: int, focus: int | None = None) -> Any:
-    n = int((session.model_info or {}).get("blocks") or 0)
-    plan = session.plan
-    if plan.get("mode") == "auto" and not plan.get("blocks"):
-        fig = plots.block_diagram(
-            n, [], {}, title=f"Plan: MI will choose {plan.get('remove', '?')} blocks during the run"
-        )
-        return fig
-    order = list(plan.get("blocks") or [])
-    groups = plan_groups(n, order, plan.get("targets") or {}, group_size)
-    return plots.block_diagram(n, order, groups, focus=focus)
+def _blocks(k: int) -> str:
+    return f"{k} block" if k == 1 else f"{k} blocks"
 
 
 def plan_summary(session: Session) -> str:
     plan = session.plan
-    if plan.get("mode") == "auto":
-        return (
-            f"MI chooses **{plan.get('remove', '?')}** blocks during the run (iterative: re-scored after each fusion)."
-        )
-    blocks = plan.get("blocks") or []
-    if not blocks:
+    if plan.auto:
+        return f"MI chooses **{_blocks(plan.remove)}** during the run (iterative: re-scored after each fusion)."
+    if not plan.blocks:
         return "No block chosen yet."
-    custom = plan.get("targets") or {}
-    extra = f"; custom targets for {sorted(custom)}" if custom else ""
-    n = int((session.model_info or {}).get("blocks") or 0)
-    share = f" ({len(blocks) / n:.0%} of {n} blocks)" if n else ""
-    return f"Removal order: **{', '.join(str(b) for b in blocks)}**{share}{extra}."
+    extra = f"; custom targets for {sorted(plan.targets)}" if plan.targets else ""
+    n = num_blocks(session)
+    share = f" ({len(plan.blocks) / n:.0%} of {n} blocks)" if n else ""
+    return f"Removal order: **{', '.join(str(b) for b in plan.blocks)}**{share}{extra}."
 
 
-def preview_text(session: Session) -> str:
-    p = session.preview
+def text_note(session: Session | None) -> str:
+    """Which text an action uses, shown next to the action."""
+    text = session.text if session is not None else TextChoice()
+    return f"Text: **{text.describe()}** (chosen in *2 · Importance ▸ Text*; used for scoring, preview and runs)."
+
+
+def preview_text(session: Session | None) -> str:
+    p = session.preview if session is not None else None
     if not p:
         return "Press **Preview drop** to measure what removing the chosen blocks, with no repair, does to perplexity."
     change = (p["dropped"] / p["dense"] - 1) * 100 if p["dense"] else float("nan")
+    windows = f"{p['windows'][0]} windows x {p['windows'][1]} tokens" if p.get("windows") else f"{p['tokens']:,} tokens"
     return (
-        f"Perplexity on {p['tokens']:,} evaluation tokens: original **{p['dense']:.2f}** → "
-        f"blocks {p['blocks']} dropped **{p['dropped']:.2f}** ({change:+.1f}%). Fusion's job is to win back this gap."
+        f"Perplexity on {windows} of {p.get('text', 'the evaluation text')}: original **{p['dense']:.2f}** → "
+        f"blocks {p['blocks']} dropped **{p['dropped']:.2f}** ({change:+.1f}%). Fusion's job is to win back this gap. "
+        "(A run measures on its own preset's windows, which may differ.)"
     )
 
 
@@ -215,9 +182,9 @@ def preview_text(session: Session) -> str:
 
 
 def run_live(snap: JobSnapshot | None, session: Session) -> dict[str, Any]:
-    """Loss curves, MI trajectory, rounds and log: of the run in progress, of a run that just
-    failed or stopped, or else of the session's latest run that trained (drop/average runs have no
-    curves to show)."""
+    """Header, loss curves, MI trajectory, rounds, what each neighbour absorbed, the recipe and the
+    log: of the run in progress, of a run that just failed or stopped, or else of the session's
+    latest run that trained (drop/average runs have no curves to show)."""
     if snap is not None and snap.kind in ("run", "demo") and snap.live.get("method") and snap.status != DONE:
         live = snap.live
         traj = {
@@ -229,6 +196,7 @@ def run_live(snap: JobSnapshot | None, session: Session) -> dict[str, Any]:
         rounds = live.get("rounds") or []
         losses = live.get("losses") or {}
         header = progress_header(snap)
+        recipe = recipe_line(live.get("recipe"), "This run's recipe")
         log = "\n".join(snap.log[-60:])
     elif session.runs:
         trained = [r for r in session.runs if any(x.get("losses") for x in r.report.get("rounds") or [])]
@@ -247,31 +215,54 @@ def run_live(snap: JobSnapshot | None, session: Session) -> dict[str, Any]:
         }
         icon = STATUS_ICON[DONE] if rep.get("status", "done") == "done" else STATUS_ICON[FAILED]
         header = (
-            f"{icon} **{run.label}** finished ({rep.get('status', 'done')}): {len(rounds)} rounds in "
-            f"{tables.fmt_seconds(rep.get('seconds', {}).get('total'))}."
+            f"{icon} **{run.label}** finished ({rep.get('status', 'done')}): {len(rounds)} "
+            f"{'round' if len(rounds) == 1 else 'rounds'} in {tables.fmt_seconds(rep.get('seconds', {}).get('total'))}."
         )
         if len(session.runs) > 1:
             header += f" {len(session.runs)} runs in this session: see **Compare**."
+        recipe = recipe_line(rep.get("recipe"), f"Recipe of {run.label}")
         log = ""
     else:
-        return {
-            "header": "No run yet.",
-            "loss": plots.loss_curves({}),
-            "trajectory": plots.trajectory_heatmap([], []),
-            "rounds": tables.rounds_table([]),
-            "log": "",
-        }
+        rounds, losses, traj, header, recipe, log = [], {}, None, "No run yet.", "", ""
     return {
         "header": header,
+        "recipe": recipe,
         "loss": plots.loss_curves(losses),
         "trajectory": trajectory_figure(traj),
         "rounds": tables.rounds_table(rounds),
+        "absorbed": absorbed_figure(rounds),
         "log": log,
     }
 
 
+def recipe_line(recipe: dict[str, Any] | None, title: str) -> str:
+    """One line that says what a run does (so a reload shows what the running job uses)."""
+    if not recipe:
+        return ""
+    d, f, t = recipe.get("data", {}), recipe.get("fusion", {}), recipe.get("distill", {})
+    plan = (
+        f"blocks {recipe['blocks']}"
+        if recipe.get("blocks") is not None
+        else f"{recipe.get('remove')} blocks by {recipe.get('metric')}"
+    )
+    return (
+        f"{title}: **{recipe.get('method')}**, {plan} ({recipe.get('selection')}, candidates {recipe.get('candidates')}); "
+        f"groups of {f.get('group_size')}, rank {f.get('coef_rank')}; {d.get('n_calib')} windows x {d.get('seq_len')} "
+        f"tokens, {t.get('epochs')} epoch(s), batch {t.get('batch_size')}, {t.get('loss')} loss."
+    )
+
+
+def absorbed_figure(rounds: list[dict[str, Any]]) -> Any:
+    """The latest trained round's view of how much of its removed block each target took in."""
+    trained = [r for r in rounds if r.get("absorbed")]
+    if not trained:
+        return plots.empty_figure("What each neighbour absorbed appears after a fusion round")
+    last = trained[-1]
+    return plots.absorbed_heatmap(last["absorbed"], last["removed"], last["round"] + 1)
+
+
 def progress_header(snap: JobSnapshot) -> str:
-    """'fusegpt ██████░░░░ round 3/6 · finetune · … · ETA 2 min' while running; a summary once finished."""
+    """'fusegpt ██████░░░░ 2/6 rounds done · round 3/6: fine-tuning … · ETA 2 min' while running."""
     live = snap.live
     done = len(live.get("rounds") or [])
     count = live.get("count") or "?"
@@ -285,17 +276,18 @@ def progress_header(snap: JobSnapshot) -> str:
     frac = done / count if isinstance(count, int) and count else 0.0
     bar = "█" * int(frac * bar_len) + "░" * (bar_len - int(frac * bar_len))
     eta = f" · ETA {tables.fmt_seconds(snap.eta_s)}" if snap.eta_s is not None else ""
-    state = f"queued (position {snap.position})" if snap.status == QUEUED else snap.stage
-    return f"**{method}** `{bar}` round {done}/{count} · {state} · {snap.message} · elapsed {elapsed}{eta}"
+    doing = f"queued (position {snap.position})" if snap.status == QUEUED else snap.message
+    return f"**{method}** `{bar}` {done}/{count} rounds done · {doing} · elapsed {elapsed}{eta}"
 
 
 # ---- compare --------------------------------------------------------------------------------------
 
 
-def compare_views(session: Session) -> tuple[pd.DataFrame, Any]:
+def compare_views(session: Session) -> tuple[pd.DataFrame, Any, str]:
+    """(table, chart, caption saying what each column measured)."""
     runs = [{"label": r.label, "report": r.report} for r in session.runs]
     table = tables.compare_table(runs)
-    return table, plots.compare_chart(tables.chart_frame(table))
+    return table, plots.compare_chart(tables.chart_frame(table)), tables.compare_caption(runs)
 
 
 def generations_html(gens: list[dict[str, Any]] | None, prompt: str = "") -> str:
@@ -314,6 +306,50 @@ def generations_html(gens: list[dict[str, Any]] | None, prompt: str = "") -> str
 
 
 def run_choices(session: Session) -> list[tuple[str, int]]:
-    """(label, run id), newest first, FuseGPT runs before baselines."""
-    runs = sorted(reversed(session.runs), key=lambda r: r.method != "fusegpt")
-    return [(f"{r.label} (removed {r.report.get('removed_blocks')})", r.id) for r in runs]
+    """(label, run id) for the export list, newest run first."""
+    return [
+        (f"{r.label} (removed {r.report.get('removed_blocks')})", r.id)
+        for r in sorted(session.runs, key=lambda r: -r.id)
+    ]
+
+
+# ---- estimates ------------------------------------------------------------------------------------
+
+
+def estimate_text(session: Session, presets: bool = True) -> str:
+    """How long the next Run takes with its preset, and (`presets`) with every preset, for this plan."""
+    from fusegpt_core.config import PRESET_INFO, PRESETS
+    from fusegpt_core.errors import FuseGPTError
+
+    from .estimate import estimate_text as stage_text
+    from .recipes import RunSettings, preset_values
+    from .work import estimate_for, session_recipe
+
+    info = session.model_info
+    if not info or not info.get("block_seconds"):
+        return "Load a model for a run-time estimate."
+    settings = session.settings
+    try:
+        est = estimate_for(session_recipe(session), info)
+    except FuseGPTError as e:
+        return f"No estimate yet: {e}"
+    first = f"Estimated run time with preset **{settings.preset}**: " + stage_text(est, info["device"])
+    if not presets:
+        return first
+    lines = [
+        first,
+        "",
+        "| preset | what it is for | this plan |",
+        "|---|---|---|",
+    ]
+    for name in PRESETS:
+        try:
+            other = RunSettings(preset=name, method=settings.method, knobs=preset_values(name))
+            total = tables.fmt_seconds(estimate_for(session_recipe(session, settings=other), info)["total"])
+        except FuseGPTError:
+            total = "n/a"
+        mark = " (chosen)" if name == settings.preset else ""
+        lines.append(f"| **{name}**{mark} | {PRESET_INFO[name]} | ≈ {total} |")
+    lines.append("")
+    lines.append("Choose the preset on the **4 · Run** tab.")
+    return "\n".join(lines)

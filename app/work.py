@@ -20,10 +20,12 @@ import pandas as pd
 import torch
 
 from fusegpt_core.config import Recipe, check_seq_len
-from fusegpt_core.errors import DataError, ModelLoadError, PlanError
+from fusegpt_core.errors import ModelLoadError, PlanError
 
 from .estimate import estimate_run
 from .jobs import JobContext
+from .plan import Plan
+from .recipes import RunSettings, TextChoice, build_recipe, effective_knobs
 from .state import TEST_SOURCE, AppContext, RunRecord, Session
 
 log = logging.getLogger("fusegpt.app.work")
@@ -75,6 +77,15 @@ def time_block_forward(loaded, seq_len: int = TIMING_SEQ_LEN, repeats: int = 2) 
     return best / max(num_blocks(model), 1)
 
 
+@torch.no_grad()
+def time_decode_token(loaded, new_tokens: int = 4) -> float:
+    """Seconds per generated token with the KV cache (greedy, after a warm-up): the decode-speed
+    stage of a run costs about this per token, which a batch forward says nothing about."""
+    from fusegpt_core.evaluate import decode_speed
+
+    return 1.0 / decode_speed(loaded.model, loaded.tokenizer, new_tokens, repeats=1)["median"]
+
+
 def do_load(app: AppContext, session: Session, jc: JobContext, source: str, device, dtype, trust: bool) -> None:
     from fusegpt_core.adapters import num_blocks
 
@@ -86,8 +97,9 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
         _model_key(source, device, dtype, trust), _load_fn(app, source, device, dtype, trust)
     )
     jc.check()
-    jc.stage("timing", "timing one block forward (for run-time estimates)")
+    jc.stage("timing", "timing one block forward and one decode step (for run-time estimates)")
     block_s = time_block_forward(loaded)
+    decode_s = time_decode_token(loaded)
     n = num_blocks(loaded.model)
     info = {
         "source": loaded.source,
@@ -103,6 +115,7 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
         "block_seconds": block_s,
         "timing_seq_len": TIMING_SEQ_LEN,
         "timing_shape": f"1 x {TIMING_SEQ_LEN} tokens",
+        "decode_token_seconds": decode_s,
     }
     importance = trajectory = None
     pre = app.precomputed
@@ -119,7 +132,7 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
         session.model_info = info
         session.importance = importance
         session.trajectory = trajectory
-        session.plan = {"blocks": [], "targets": {}, "mode": "manual"}
+        session.plan = Plan()
         session.preview = None
     session.bump("model", "importance", "trajectory", "plan", "preview")
     jc.log(f"loaded {source}: {n} blocks, {info['params']:,} parameters on {info['device']}")
@@ -304,6 +317,8 @@ def do_preview(
             "dropped": dropped,
             "blocks": sorted(blocks),
             "tokens": int(windows.numel()),
+            "windows": [int(windows.shape[0]), int(windows.shape[1])],
+            "text": _describe_source(source),
         }
     session.bump("preview")
 
@@ -316,6 +331,39 @@ def make_preview_job(
 
 
 # ---- run ----------------------------------------------------------------------------------------
+
+
+class RunProgress:
+    """Pipeline events -> the job's stage, progress, ETA, log and live plot data."""
+
+    def __init__(self, jc: JobContext, recipe: Recipe, estimate: dict[str, Any] | None):
+        self.jc, self.recipe, self.estimate = jc, recipe, estimate
+        self.count = len(recipe.blocks) if recipe.blocks is not None else recipe.remove
+        self.started = time.monotonic()
+
+    def __call__(self, ev) -> None:
+        jc = self.jc
+        if ev.kind == "stage":
+            jc.stage(ev.stage, ev.message)
+        elif ev.kind == "progress":
+            jc.progress(ev.step, ev.total, ev.message or None)
+        elif ev.kind == "loss":
+            name, loss = f"round {ev.data['round'] + 1}: block {ev.data['removed']}", float(ev.data["loss"])
+            jc.update_live(lambda live: live["losses"].setdefault(name, []).append((ev.step, loss)))
+            jc.progress(ev.step, ev.total)
+        elif ev.kind == "scores" and ev.data.get("metric") == self.recipe.metric:
+            jc.update_live(lambda live: live["trajectory"].append(list(ev.data["scores"])))
+        elif ev.kind == "round":
+            self.round_done(ev.step, {k: v for k, v in ev.data.items() if k != "losses"})
+        elif ev.kind == "log":
+            jc.log(ev.message)
+
+    def round_done(self, done: int, data: dict[str, Any]) -> None:
+        self.jc.update_live(lambda live: (live["rounds"].append(data), live["removed"].append(data["removed"])))
+        per_round = (time.monotonic() - self.started) / max(done, 1)
+        stages = self.estimate["stages"] if self.estimate else {}
+        self.jc.set_eta(per_round * max(self.count - done, 0) + stages.get("evaluate", 0.0) + stages.get("speed", 0.0))
+        self.jc.log(f"round {done}/{self.count}: removed block {data['removed']} into {data.get('targets')}")
 
 
 def do_run(
@@ -336,72 +384,28 @@ def do_run(
         recipe.blocks = list(session.batch_blocks[batch_id])
         recipe.remove = len(recipe.blocks)
     info = session.model_info or {}
-    n_blocks = int(info.get("blocks") or 0)
-    count = len(recipe.blocks) if recipe.blocks is not None else recipe.remove
-    est = None
-    if info.get("block_seconds"):
-        est = estimate_run(recipe, n_blocks, info["block_seconds"], info.get("timing_seq_len", TIMING_SEQ_LEN))
-        jc.set_eta(est["total"])
-    started = time.monotonic()
+    progress = RunProgress(jc, recipe, estimate_for(recipe, info))
+    if progress.estimate is not None:
+        jc.set_eta(progress.estimate["total"])
     jc.update_live(
         lambda live: live.update(
-            losses={},
-            trajectory=[],
-            removed=[],
-            rounds=[],
-            method=recipe.method,
-            count=count,
-            n_blocks=n_blocks,
-            fixed_blocks=recipe.blocks is not None,
+            losses={}, trajectory=[], removed=[], rounds=[], method=recipe.method, count=progress.count,
+            n_blocks=int(info.get("blocks") or 0), fixed_blocks=recipe.blocks is not None, recipe=recipe.to_dict(),
         )
-    )
-
-    def on_event(ev) -> None:
-        if ev.kind == "stage":
-            jc.stage(ev.stage, ev.message)
-        elif ev.kind == "progress":
-            jc.progress(ev.step, ev.total, ev.message or None)
-        elif ev.kind == "loss":
-            name = f"round {ev.data['round'] + 1}: block {ev.data['removed']}"
-            loss = float(ev.data["loss"])
-            jc.update_live(lambda live: live["losses"].setdefault(name, []).append((ev.step, loss)))
-            jc.progress(ev.step, ev.total)
-        elif ev.kind == "scores":
-            if ev.data.get("metric") == recipe.metric:
-                jc.update_live(lambda live: live["trajectory"].append(list(ev.data["scores"])))
-        elif ev.kind == "round":
-            data = {k: v for k, v in ev.data.items() if k != "losses"}
-            jc.update_live(lambda live: (live["rounds"].append(data), live["removed"].append(data["removed"])))
-            done = ev.step
-            per_round = (time.monotonic() - started) / max(done, 1)
-            rest = (est["stages"]["evaluate"] + est["stages"]["speed"]) if est else 0.0
-            jc.set_eta(per_round * max(count - done, 0) + rest)
-            jc.log(f"round {done}/{count}: removed block {data['removed']} into {data.get('targets')}")
-        elif ev.kind == "log":
-            jc.log(ev.message)
-
+    )  # fmt: skip
     if windows is None:
         jc.stage("data", "preparing calibration and evaluation windows")
         windows = run_windows(app, loaded.tokenizer, recipe)
-    result = run(recipe, loaded=loaded, on_event=on_event, should_stop=jc.should_stop, windows=windows)
+    result = run(recipe, loaded=loaded, on_event=progress, should_stop=jc.should_stop, windows=windows)
     report = result.report
     if batch_id is not None and report.get("removed_blocks"):
         session.batch_blocks.setdefault(batch_id, list(report["removed_blocks"]))
     with session.lock:
         run_id = session.next_run_id
         session.next_run_id += 1
-    label = f"#{run_id} {recipe.method}"
-    session.add_run(
-        RunRecord(
-            id=run_id,
-            label=label,
-            method=recipe.method,
-            report=report,
-            model=result.model,
-            tokenizer=result.tokenizer,
-        ),
-        keep_models=app.keep_run_models,
-    )
+    record = RunRecord(id=run_id, label=f"#{run_id} {recipe.method}", method=recipe.method, report=report,
+                       model=result.model, tokenizer=result.tokenizer)  # fmt: skip
+    session.add_run(record, keep_models=app.keep_run_models)
     app.trim_run_models()  # memory stays bounded however many sessions run at once
     return run_id
 
@@ -531,35 +535,27 @@ def make_push_job(session: Session, run_id: int, repo_id: str, token: str) -> Jo
 
 
 def make_demo_job(app: AppContext, session: Session, recipe: Recipe, prompt: str, source: str) -> Job:
-    """load -> importance -> plan (MI's choice) -> run (the given fast recipe) -> compare + generate."""
+    """load -> importance -> plan (MI's choice) -> run (the given fast recipe) -> compare + generate.
+
+    The Run tab shows the demo's settings and the Plan tab its plan, so both draw what the demo ran."""
 
     def fn(jc: JobContext) -> int:
         do_load(app, session, jc, source, None, None, False)
         loaded = session.loaded
         d = recipe.data
         if session.importance is None:
-            do_importance(
-                app,
-                session,
-                jc,
-                loaded,
-                d.calib_source,
-                ["mi", "bi", "angular"],
-                d.seq_len,
-                max(d.n_score, 2),
-                d.seed,
-                True,
-            )
-        n = int(session.model_info["blocks"])
+            do_importance(app, session, jc, loaded, d.calib_source, ["mi", "bi", "angular"], d.seq_len,
+                          max(d.n_score, 2), d.seed, True)  # fmt: skip
         r = copy.deepcopy(recipe)
-        r.fusion.group_size = min(r.fusion.group_size, n)
+        r.fusion.group_size = min(r.fusion.group_size, int(session.model_info["blocks"]))
         with session.lock:
-            session.plan = {"blocks": [], "targets": {}, "mode": "auto", "remove": r.remove}
-        session.bump("plan")
+            session.settings = RunSettings.from_recipe(r, preset_name=DEMO_PRESET)
+            session.text = TextChoice()
+            session.plan.let_metric_choose(r.remove)
+        session.bump("plan", "settings")
         run_id = do_run(app, session, jc, loaded, r)
-        record = session.run_by_id(run_id)
         with session.lock:
-            session.plan = {"blocks": list(record.report["removed_blocks"]), "targets": {}, "mode": "manual"}
+            session.plan.replace_with(session.run_by_id(run_id).report["removed_blocks"])
         session.bump("plan")
         do_generate(session, jc, loaded, prompt, {"max_new_tokens": 32, "do_sample": False})
         return run_id
@@ -567,18 +563,36 @@ def make_demo_job(app: AppContext, session: Session, recipe: Recipe, prompt: str
     return fn
 
 
-def check_source_text(kind: str, pasted: str, upload: str | None, dataset: str) -> str:
-    """The UI's calibration-text choice -> a core data source string."""
-    if kind == "bundled corpus":
-        return "bundled"
-    if kind == "paste text":
-        if not pasted or len(pasted.strip()) < 200:
-            raise DataError("the pasted text is too short: paste at least a few paragraphs (200+ characters).")
-        return "text:" + pasted
-    if kind == "upload a file":
-        if not upload:
-            raise DataError("no file uploaded: drop a .txt file on the upload box first.")
-        return f"file:{upload}"
-    if kind == "hub dataset":
-        return f"hf:{dataset}"
-    raise DataError(f"unknown text source '{kind}'.")
+DEMO_PRESET = "tiny"
+
+
+def session_recipe(session: Session, settings: RunSettings | None = None, text: TextChoice | None = None) -> Recipe:
+    """The recipe the Run button starts: the session's settings, plan and text on its loaded model."""
+    if session.loaded is None:
+        raise PlanError("no model is loaded yet: load one in the Model tab first.")
+    settings, text = settings or session.settings, text or session.text
+    info = session.model_info or {}
+    return build_recipe(
+        model=session.loaded.source,
+        preset_name=settings.preset,
+        method=settings.method,
+        plan=session.plan,
+        knobs=effective_knobs(settings.preset, settings.knobs),
+        calib_source=text.source(),
+        device=str(info.get("device", "")).split(":")[0] or None,
+        dtype=info.get("dtype"),
+        num_blocks=int(info.get("blocks") or 0) or None,
+    )
+
+
+def estimate_for(recipe: Recipe, info: dict[str, Any]) -> dict[str, Any] | None:
+    """Seconds per stage of `recipe` on the loaded model (None before the load timed a block)."""
+    if not info.get("block_seconds"):
+        return None
+    return estimate_run(
+        recipe,
+        int(info["blocks"]),
+        info["block_seconds"],
+        info.get("timing_seq_len", TIMING_SEQ_LEN),
+        decode_token_seconds=info.get("decode_token_seconds"),
+    )

@@ -350,6 +350,9 @@ def preset(name: str, **overrides: Any) -> Recipe:
             fusion=FusionConfig(coef_rank=64, lora_rank=16),
             distill=DistillConfig(epochs=1, batch_size=2, lr_coef=1e-2, lr_lora=1e-3, lr_settled=0, loss="token_mse"),
         )
+    elif name == "quick":  # the app's first run: cpu-demo's recipe on a fifth of its calibration data
+        recipe = preset("cpu-demo")
+        recipe.data.n_calib = 64
     elif name == "tiny":  # for tests and a first look: seconds, not minutes
         recipe = Recipe(
             remove=2,
@@ -374,7 +377,13 @@ def preset(name: str, **overrides: Any) -> Recipe:
     return Recipe.from_dict(d)
 
 
-PRESETS = ("cpu-demo", "tiny", "paper")
+PRESETS = ("quick", "cpu-demo", "tiny", "paper")
+PRESET_INFO = {
+    "quick": "a first fusion in a few minutes on a laptop CPU: cpu-demo's settings on 64 calibration windows",
+    "cpu-demo": "the tuned CPU recipe (README 'Results'): 320 windows per round, about 2 min per block on 2 cores",
+    "tiny": "seconds: for tests and a look at the workflow; repairs little",
+    "paper": "arXiv 2411.14507's setting (1024 x 2048-token windows, 20 epochs): for a GPU",
+}
 
 
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:

@@ -15,6 +15,8 @@ from torch import nn
 from .adapters import count_params, get_blocks, remove_blocks
 from .errors import Cancelled, PlanError
 
+SPEED_REPEATS = 5  # timed generations per model in decode_speeds
+
 
 @torch.no_grad()
 def perplexity(
@@ -90,7 +92,7 @@ def generate(
 
 @torch.no_grad()
 def decode_speeds(
-    models: list[nn.Module], tokenizer, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 5
+    models: list[nn.Module], tokenizer, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = SPEED_REPEATS
 ) -> list[dict[str, float]]:
     """Greedy decode speed with the KV cache of each model, in tokens/s.
 
@@ -127,7 +129,7 @@ def decode_speeds(
     ]
 
 
-def decode_speed(model: nn.Module, tokenizer, new_tokens: int = 32, repeats: int = 5) -> dict[str, float]:
+def decode_speed(model: nn.Module, tokenizer, new_tokens: int = 32, repeats: int = SPEED_REPEATS) -> dict[str, float]:
     """decode_speeds of one model."""
     return decode_speeds([model], tokenizer, new_tokens, repeats=repeats)[0]
 

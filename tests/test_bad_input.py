@@ -10,12 +10,14 @@ must be exactly as before). The last test counts the cases.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
 import subprocess
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -156,7 +158,11 @@ class AppDriver:
         self.fns["set_plan"](mode, blocks or [], k, self.request)
         inputs = self._recipe_inputs(knobs)
         for removed, chosen in (targets or {}).items():
-            self.fns["apply_targets"](str(removed), [str(t) for t in chosen], *inputs, self.request)
+            with warnings.catch_warnings(record=True) as shown:  # gr.Warning outside a page: a Python warning
+                warnings.simplefilter("always")
+                self.fns["apply_targets"](str(removed), [str(t) for t in chosen], self.request)
+            if shown:  # the visitor sees the toast, and the plan keeps its earlier targets
+                return f"⚠ {shown[-1].message}"
         preset_name, method, *rest = inputs
         jobs = len(self.session.jobs)
         return self._outcome(self.fns["start_run"](preset_name, method, [], *rest, self.request), jobs)
@@ -627,7 +633,7 @@ def _session_snapshot(session) -> dict[str, Any]:
 def test_app(case: Case, driver, recwarn):
     session = driver.session
     before = _session_snapshot(session)
-    plan_before = dict(session.plan)
+    plan_before = copy.deepcopy(session.plan)
     jobs_before = list(session.jobs)
     shown = case.app(driver)
     print(f"{case.name}: {shown}")
@@ -647,11 +653,13 @@ def test_app(case: Case, driver, recwarn):
 
 def test_app_merges_a_duplicated_block(driver):
     """The one plan mistake the app cannot make: ticking a block twice keeps it once."""
+    from app.plan import Plan
+
     driver.fns["set_plan"]("pick blocks", [2, 2], 1, driver.request)
     try:
-        assert driver.session.plan["blocks"] == [2]
+        assert driver.session.plan.blocks == [2]
     finally:
-        driver.session.plan = {"blocks": [], "targets": {}, "mode": "manual"}
+        driver.session.plan = Plan()
 
 
 def test_number_of_cases():

@@ -242,7 +242,7 @@ def test_nan_loss_rolls_the_round_back_through_the_app(app, monkeypatch):
     assert math.isfinite(report["result_ppl"])
     diverged = session.runs[-1].model
     assert all(torch.isfinite(p).all() for p in diverged.parameters())
-    table, _ = views.compare_views(session)
+    table, _, _ = views.compare_views(session)
     assert any("(diverged)" in str(m) for m in table["model"]), table
 
     # the rolled-back model is exactly the model after round 1: the same as a run that only removes block 4

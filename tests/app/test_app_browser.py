@@ -219,19 +219,86 @@ def test_stop_button_stops_a_run(live_app, browser):
     page.close()
 
 
-def test_one_click_demo(live_app, browser):
+def test_one_click_demo_asks_first_and_finishes_on_the_page(live_app, browser):
+    """The demo after a hand-made plan, with the Run tab's plots already drawn once (the state that
+    froze the page): it asks before replacing the plan, then the page follows it to the end."""
     url, _ = live_app
     expect = playwright_api.expect
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     check = Checker(page)
     page.goto(url)
     page.wait_for_selector("#demo-btn", timeout=60_000)
+    if not BUNDLED:
+        page.get_by_test_id("tiny (test model)-radio-label").click()
+    page.click("#load-btn")
+    _wait_done(page, "Load")
+    _tab(page, "4 · Run")  # mounts the Run tab's plots: later figures redraw them
+    expect(page.locator("#loss-plot .js-plotly-plot")).to_be_visible()
+    _tab(page, "3 · Plan")
+    page.locator("#blocks-cb").get_by_label("3", exact=True).check()
+    expect(page.locator("#plan-summary")).to_contain_text("Removal order: 3", timeout=20_000)
     page.click("#demo-btn")
-    _wait_done(page, "One-click demo", timeout=LONG * 2)
+    expect(page.locator("#demo-confirm")).to_be_visible(timeout=20_000)
+    expect(page.locator("#demo-confirm")).to_contain_text("replaces your plan")
+    page.click("#demo-yes")
+    _wait_done(page, "One-click demo", timeout=LONG * 2)  # on the page, without a reload
     check.no_errors("demo")
+    _tab(page, "4 · Run")
+    expect(page.locator("#run-header")).to_contain_text("finished")
+    expect(page.locator("#preset-dd input")).to_have_value("tiny")  # the settings the demo ran with
     _tab(page, "5 · Compare")
     expect(page.locator("#compare-table")).to_contain_text("#1 fusegpt")
     expect(page.locator("#generations .gen-card")).to_have_count(2)
     _tab(page, "3 · Plan")
     expect(page.locator("#plan-summary")).to_contain_text("Removal order")
+    check.shot("7-demo")
+    page.close()
+
+
+def test_a_figure_that_cannot_render_does_not_stop_the_page(live_app, browser, monkeypatch):
+    """A figure plotly.js throws on (a one-row heatmap whose colour bar has no room) must fail alone."""
+    import plotly.graph_objects as go
+
+    from app import views
+
+    drawn = views.trajectory_figure
+
+    def degenerate(traj, title_suffix=""):
+        """A sound figure at first, then (once the run has scored) what the Run tab drew before the
+        height guard: a Plot that already shows a figure and is redrawn with a bad one froze pages."""
+        if not traj or not traj.get("rows"):
+            return drawn(traj, title_suffix)
+        bar = dict(title=dict(text="MI rank<br>in its step"), len=0.9)
+        fig = go.Figure(go.Heatmap(z=[[0.0, 0.5, 1.0]], colorbar=bar))
+        fig.update_layout(title=dict(text="trajectory"), height=200, margin=dict(t=50, b=45))
+        return fig
+
+    monkeypatch.setattr(views, "trajectory_figure", degenerate)
+    url, _ = live_app
+    expect = playwright_api.expect
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#load-btn", timeout=60_000)
+    if not BUNDLED:
+        page.get_by_test_id("tiny (test model)-radio-label").click()
+    page.click("#load-btn")
+    _wait_done(page, "Load")
+    _tab(page, "3 · Plan")
+    page.locator("#plan-mode").get_by_label("let MI choose").check()  # scored: the trajectory gets a row
+    expect(page.locator("#plan-summary")).to_contain_text("MI chooses", timeout=20_000)
+    _tab(page, "4 · Run")
+    expect(page.locator("#run-trajectory .js-plotly-plot")).to_be_visible()  # drawn once, sound
+    page.locator("#preset-dd input").click()
+    page.get_by_role("option", name="tiny", exact=True).click()
+    page.click("#run-btn")
+    _wait_done(page, "Run fusegpt")  # the status line kept updating
+    expect(page.locator("#rounds-table")).to_contain_text("1")  # and the other views too
+    expect(page.locator("#loss-plot .js-plotly-plot")).to_be_visible()
+    assert any("axis scaling" in e for e in errors), errors  # the figure really could not be drawn
+    _tab(page, "5 · Compare")  # tabs still switch, later jobs still show
+    page.click("#generate-btn")
+    _wait_done(page, "Generate")
+    expect(page.locator("#generations .gen-card")).to_have_count(2)
     page.close()

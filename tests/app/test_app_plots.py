@@ -95,3 +95,46 @@ def test_compare_chart_bars():
 
 def test_compare_chart_empty():
     assert len(plots.compare_chart(pd.DataFrame()).data) == 0
+
+
+def _every_figure():
+    """Each figure function with the states a run passes through: nothing yet, one row, one block."""
+    yield plots.empty_figure("nothing yet")
+    yield plots.importance_heatmap({"mi": [0.2]})  # one metric, one block
+    yield plots.importance_heatmap({"mi": [None, None]})
+    yield plots.trajectory_heatmap([[0.1, 0.3, None]], [0])  # the first scoring round of a run
+    yield plots.trajectory_heatmap([[0.1] * 30] * 6, [1, 2, 3, 4, 5, 6])
+    yield plots.rank_agreement_heatmap(pd.DataFrame([[1.0]], index=["mi"], columns=["mi"]))
+    yield plots.block_diagram(1, [], {})
+    yield plots.block_diagram(30, [4], {4: [3, 5]})
+    yield plots.loss_curves({"round 1: block 4": [(1, 0.5)]})
+    yield plots.compare_chart(
+        pd.DataFrame({"model": ["original"], "method": ["-"], "perplexity": [0.0], "params": [1]})
+    )
+    yield plots.absorbed_heatmap([{"block": 3, "linear": "mlp.up_proj", "share": 0.1}], removed=4, round_number=1)
+
+
+def test_every_figure_leaves_its_colour_bar_room_to_draw():
+    """gradio's Plot raises a titled figure's top margin to 100 px; plotly.js 3.3 then threw on a one-row
+    heatmap 200 px high (its colour bar came out -9 px long) and the page stopped updating. Every figure
+    keeps MIN_PLOT_PX of plot area under that margin, and colour bar titles fit on one line."""
+    for fig in _every_figure():
+        layout = fig.layout
+        assert layout.margin.t >= 100
+        assert layout.height - layout.margin.t - layout.margin.b >= plots.MIN_PLOT_PX, layout.title.text
+        for trace in fig.data:
+            bar = getattr(trace, "colorbar", None)
+            if bar is not None and bar.title.text:
+                assert "<br>" not in bar.title.text
+
+
+def test_loss_ticks_are_whole_steps_and_methods_have_their_own_colours():
+    fig = plots.loss_curves({"a": [(1, 0.5), (2, 0.4), (3, 0.3)]})
+    assert fig.layout.xaxis.dtick == 1
+    assert plots.loss_curves({"a": [(s, 1.0) for s in range(1, 161)]}).layout.xaxis.dtick == 16
+    frame = pd.DataFrame(
+        {"model": ["original", "#1 fusegpt", "#2 drop+lora"], "method": ["-", "fusegpt", "drop+lora"],
+         "perplexity": [10.0, 12.0, 13.0], "params": [1, 1, 1]}
+    )  # fmt: skip
+    colours = list(plots.compare_chart(frame).data[0].marker.color)
+    assert len(set(colours)) == 3

@@ -2,8 +2,8 @@
 
 import pytest
 
-from app import views
 from app.estimate import estimate_run, estimate_text, mi_pass_forwards
+from app.plan import Plan, lowest_blocks, removal_order
 from app.recipes import KNOB_KEYS, KNOBS, build_recipe, cli_command, preset_values
 from fusegpt_core.config import preset
 from fusegpt_core.errors import PlanError
@@ -11,6 +11,8 @@ from fusegpt_core.fusion import plan_group
 
 
 def _build(plan, **kw):
+    plan = Plan(mode=plan.get("mode", "manual"), blocks=plan.get("blocks", []), targets=plan.get("targets", {}),
+                remove=kw.pop("remove", 2))  # fmt: skip
     args = dict(
         model="bundled",
         preset_name="tiny",
@@ -100,15 +102,48 @@ def test_estimate_grows_with_work():
 
 
 def test_plan_groups_follow_the_core_window_on_remaining_blocks():
-    groups = views.plan_groups(10, [5, 6], {}, 4)
+    groups = Plan(blocks=[5, 6]).groups(10, 4)
     assert groups[5] == plan_group(5, 10, 4)
     remaining = [0, 1, 2, 3, 4, 6, 7, 8, 9]
     assert groups[6] == [remaining[t] for t in plan_group(5, 9, 4)]
-    assert views.plan_groups(10, [5], {5: [1, 2]}, 4) == {5: [1, 2]}
+    assert Plan(blocks=[5], targets={5: [1, 2]}).groups(10, 4) == {5: [1, 2]}
 
 
 def test_removal_order_and_lowest():
     scores = [0.5, 0.1, 0.3, 0.05]
-    assert views.removal_order([0, 1, 3], scores) == [3, 1, 0]
-    assert views.removal_order([2, 0], None) == [0, 2]
-    assert views.lowest_blocks(scores, 2) == [1, 3]
+    assert removal_order([0, 1, 3], scores) == [3, 1, 0]
+    assert removal_order([2, 0], None) == [0, 2]
+    assert lowest_blocks(scores, 2) == [1, 3]
+
+
+def test_estimate_counts_custom_targets_and_the_measured_decode_step():
+    window = estimate_run(preset("cpu-demo", blocks=[10]), 30, 0.01, 128)
+    narrow = estimate_run(preset("cpu-demo", blocks=[10], **{"fusion.targets": {"10": [11]}}), 30, 0.01, 128)
+    wide = estimate_run(preset("cpu-demo", blocks=[10], **{"fusion.targets": {"10": [1, 25]}}), 30, 0.01, 128)
+    assert narrow["stages"]["fine-tune"] < window["stages"]["fine-tune"] < wide["stages"]["fine-tune"]
+    # the speed stage: a warm-up and five timed generations of 32 tokens per model, the result shallower
+    slow = estimate_run(preset("cpu-demo", remove=6), 30, 0.01, 128, decode_token_seconds=0.1)
+    assert slow["stages"]["speed"] == pytest.approx(6 * 32 * 0.1 * (1 + 24 / 30))
+
+
+def test_presets_are_described_and_the_app_starts_on_the_quick_one():
+    from app.recipes import DEFAULT_PRESET, RunSettings
+    from fusegpt_core.config import PRESET_INFO, PRESETS
+
+    assert set(PRESET_INFO) == set(PRESETS) and DEFAULT_PRESET == "quick" == RunSettings().preset
+    quick, demo = (
+        estimate_run(preset("quick", remove=2), 30, 0.01, 128),
+        estimate_run(preset("cpu-demo", remove=2), 30, 0.01, 128),
+    )
+    assert quick["total"] < demo["total"] / 2
+
+
+def test_pair_knobs_parse_two_numbers():
+    index = KNOB_KEYS.index("distill.betas")
+    knobs = preset_values("tiny")
+    assert knobs[index] == "0.9, 0.95"
+    knobs[index] = "0.8 0.9"
+    assert _build({"mode": "manual", "blocks": [1]}, knobs=knobs).distill.betas == (0.8, 0.9)
+    knobs[index] = "0.8"
+    with pytest.raises(PlanError, match="two numbers"):
+        _build({"mode": "manual", "blocks": [1]}, knobs=knobs)

@@ -19,8 +19,8 @@ def runner():
 def test_sessions_are_separate(runner, tmp_path):
     reg = SessionRegistry(runner, tmp_path, grace_s=60)
     a, b = reg.get("alice"), reg.get("bob")
-    a.plan["blocks"] = [1, 2]
-    assert b.plan["blocks"] == [] and a is reg.get("alice") and a is not b
+    a.plan.pick([1, 2])
+    assert b.plan.blocks == [] and a is reg.get("alice") and a is not b
 
 
 def test_closed_session_is_freed_after_grace(runner, tmp_path):

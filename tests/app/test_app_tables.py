@@ -24,19 +24,30 @@ def _report(**kw):
 
 
 def test_compare_table_rows():
+    speed = {"median": 65.0, "low": 60.0, "high": 70.0, "repeats": 5, "new_tokens": 32}
     runs = [
-        {"label": "#1 fusegpt", "report": _report(), "bytes_before": 8 * 2**20, "bytes_after": 6 * 2**20},
-        {"label": "#2 drop", "report": _report(method="drop", result_ppl=20.0)},
+        {"label": "#1 fusegpt", "report": _report(bytes_before=8 * 2**20, bytes_after=6 * 2**20, speed_after=speed)},
+        {"label": "#2 fusegpt", "report": _report(removed_blocks=[2], result_ppl=11.0)},
     ]
     df = tables.compare_table(runs)
     assert list(df.columns) == tables.COMPARE_COLUMNS
-    assert list(df["model"]) == ["original", "dropped [3, 1]", "#1 fusegpt", "#2 drop"]
-    assert list(df["perplexity"]) == [10.0, 20.0, 12.0, 20.0]
-    assert df.loc[2, "vs original"] == "+20.0%"
-    assert df.loc[0, "blocks"] == 6 and df.loc[2, "blocks"] == 4
+    assert list(df["model"]) == ["original", "dropped [3, 1]", "dropped [2]", "#1 fusegpt", "#2 fusegpt"]
+    assert list(df["perplexity"]) == [10.0, 20.0, 20.0, 12.0, 11.0]
+    assert df.loc[3, "vs original"] == "+20.0%"
+    assert df.loc[0, "blocks"] == 6 and df.loc[3, "blocks"] == 4
     assert df.loc[0, "params (M)"] == 2.0
-    assert df.loc[0, "memory (MB)"] == 8.0
-    assert df.loc[2, "removed blocks"] == "3, 1"
+    assert df.loc[0, "weights (MB)"] == 8.0
+    assert df.loc[3, "removed blocks"] == "3, 1"
+    assert df.loc[3, "decode tokens/s (median)"] == 65.0 and df.loc[3, "tokens/s range"] == "60.0 to 70.0 (5 runs)"
+    assert df.loc[1, "tokens/s range"] == tables.NOT_MEASURED  # a dropped baseline is never timed
+
+
+def test_a_drop_run_is_the_dropped_row():
+    runs = [
+        {"label": "#1 fusegpt", "report": _report()},
+        {"label": "#2 drop", "report": _report(method="drop", result_ppl=20.0)},
+    ]
+    assert list(tables.compare_table(runs)["model"]) == ["original", "#1 fusegpt", "#2 drop"]
 
 
 def test_compare_table_marks_partial_runs_and_is_empty_without_runs():
@@ -47,7 +58,7 @@ def test_compare_table_marks_partial_runs_and_is_empty_without_runs():
 
 def test_chart_frame():
     df = tables.chart_frame(tables.compare_table([{"label": "#1", "report": _report()}]))
-    assert list(df.columns) == ["model", "perplexity", "params"]
+    assert list(df.columns) == ["model", "method", "perplexity", "params"]
     assert df["params"].iloc[0] == 2_000_000
 
 
@@ -55,7 +66,7 @@ def test_rounds_table():
     df = tables.rounds_table(
         [{"round": 0, "removed": 3, "targets": [1, 2, 4], "loss_first": 0.5, "loss_last": 0.1, "seconds": 1.234}]
     )
-    assert df.loc[0, "targets"] == "1, 2, 4" and df.loc[0, "seconds"] == 1.2
+    assert df.loc[0, "targets"] == "1, 2, 4" and df.loc[0, "seconds"] == 1.2 and df.loc[0, "round"] == 1
 
 
 def test_scores_and_agreement_tables():

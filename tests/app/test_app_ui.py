@@ -39,11 +39,13 @@ def test_render_fresh_session(built):
     ui = demo.fusegpt_ui
     out = ui.render(ctx.sessions.get("fresh"), {})
     assert "No job yet" in out[ui.status]
-    assert out[ui.model_df].iloc[0]["value"] == "not loaded yet"
-    assert ui.remove_k not in out  # no model: the slider keeps its range
+    assert out[ui.model.table].iloc[0]["value"] == "not loaded yet"
+    assert ui.plan.remove_k not in out  # no model: the slider keeps its range
+    assert out[ui.run.preset] == "quick"  # a first visit lands on the fast preset
     seen = out[ui.seen]
     again = ui.render(ctx.sessions.get("fresh"), seen)
-    assert ui.heatmap not in again and ui.compare_df not in again  # nothing re-sent without a change
+    assert ui.importance.heatmap not in again and ui.compare.table not in again  # nothing re-sent without a change
+    assert ui.run.preset not in again
 
 
 def test_render_session_with_a_run(built):
@@ -89,8 +91,93 @@ def test_render_session_with_a_run(built):
         RunRecord(id=1, label="#1 fusegpt", method="fusegpt", report=report, model=None, tokenizer=None), keep_models=1
     )
     out = ui.render(session, {})
-    assert out[ui.remove_k]["maximum"] == 4  # 6 blocks: at least two must remain
-    assert list(out[ui.compare_df]["model"]) == ["original", "dropped [4]", "#1 fusegpt"]
-    assert "finished" in out[ui.run_header]
-    assert out[ui.loss_plot].data[0].name == "round 1: block 4"
+    assert out[ui.plan.remove_k]["maximum"] == 4  # 6 blocks: at least two must remain
+    assert list(out[ui.compare.table]["model"]) == ["original", "dropped [4]", "#1 fusegpt"]
+    assert "finished" in out[ui.run.header] and "1 round in" in out[ui.run.header]
+    assert out[ui.run.loss_plot].data[0].name == "round 1: block 4"
+    assert list(out[ui.run.rounds_df]["round"]) == [1]  # numbered from 1, as everywhere on screen
     assert isinstance(out[ui.timer], gr.Timer)
+
+
+def test_a_reload_restores_the_run_settings(built):
+    demo, ctx = built
+    ui = demo.fusegpt_ui
+    session = ctx.sessions.get("settings")
+    from app.recipes import KNOB_KEYS, RunSettings, TextChoice, preset_values
+
+    knobs = preset_values("tiny")
+    knobs[KNOB_KEYS.index("distill.epochs")] = 7
+    session.settings = RunSettings(preset="tiny", method="drop+lora", baselines=["drop"], knobs=knobs)
+    session.text = TextChoice("hub dataset", dataset="c4")
+    out = ui.render(session, {})  # what a reloaded page receives
+    assert out[ui.run.preset] == "tiny" and out[ui.run.method] == "drop+lora" and out[ui.run.baselines] == ["drop"]
+    assert out[ui.run.knobs[KNOB_KEYS.index("distill.epochs")]] == 7
+    assert out[ui.importance.text_kind] == "hub dataset" and out[ui.importance.dataset] == "c4"
+    assert "hub dataset c4" in out[ui.run.text_note] and "hub dataset c4" in out[ui.plan.text_note]
+
+
+def _request(key):
+    import types
+
+    return types.SimpleNamespace(session_hash=key, username=None)
+
+
+def test_the_demo_asks_before_replacing_a_hand_made_plan(built):
+    demo, ctx = built
+    ui = demo.fusegpt_ui
+    session = ctx.sessions.get("hand-made")
+    session.plan.pick([4, 1])
+    row, question, status, _ = ui.demo_or_ask(_request("hand-made"))
+    assert row["visible"] is True and "1, 4" in question
+    assert session.jobs == [] and session.plan.blocks == [1, 4]  # nothing started, nothing replaced
+
+
+def test_an_uploaded_recipe_restores_settings_and_plan(built, tmp_path):
+    import json
+
+    from app.recipes import KNOB_KEYS
+    from app.testing import loaded_session
+    from fusegpt_core.config import preset
+
+    demo, ctx = built
+    ui = demo.fusegpt_ui
+    session = loaded_session(ctx, "restore")
+    recipe = preset("tiny", model="tiny-llama", blocks=[4, 2], method="drop+lora", candidates=2,
+                    **{"fusion.targets": {"4": [3, 5]}, "distill.epochs": 3, "data.calib_source": "hf:c4"})  # fmt: skip
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe.to_dict()))
+    status, _ = ui.run.restore_recipe(str(path), _request("restore"))
+    assert status.startswith("✔")
+    assert session.plan.blocks == [4, 2] and session.plan.targets == {4: [3, 5]}
+    assert session.settings.method == "drop+lora" and session.text.kind == "hub dataset"
+    out = ui.render(session, {})
+    assert out[ui.run.knobs[KNOB_KEYS.index("distill.epochs")]] == 3
+    assert out[ui.run.knobs[KNOB_KEYS.index("candidates")]] == 2
+    assert out[ui.run.method] == "drop+lora"
+    again = preset("tiny", blocks=[9])
+    path.write_text(json.dumps(again.to_dict()))
+    with pytest.raises(Exception, match="does not fit the loaded model"):
+        ui.run.restore_recipe(str(path), _request("restore"))
+    assert session.plan.blocks == [4, 2]  # a recipe that does not fit changes nothing
+
+
+def test_odd_numbers_in_boxes_give_messages_not_errors(built):
+    from app.recipes import KNOB_KEYS, preset_values
+    from app.testing import loaded_session
+
+    demo, ctx = built
+    ui = demo.fusegpt_ui
+    session = loaded_session(ctx, "odd-numbers")
+    session.plan.pick([2])
+    knobs = preset_values("quick")
+    knobs[KNOB_KEYS.index("fusion.group_size")] = 999
+    out = ui.run.settings_changed("quick", "fusegpt", [], *knobs, request=_request("odd-numbers"))
+    assert out[ui.plan.diagram].data  # drawn, with the group clamped to the model's 6 blocks
+    assert "Estimated run time" in out[ui.run.estimate]
+    knobs[KNOB_KEYS.index("distill.epochs")] = -3
+    out = ui.run.settings_changed("quick", "fusegpt", [], *knobs, request=_request("odd-numbers"))
+    assert "No estimate yet" in out[ui.run.estimate] and "distill.epochs" in out[ui.run.estimate]
+    handler = next(fn.fn for fn in demo.fns.values() if fn.name == "edit")
+    with pytest.warns(UserWarning, match="blocks to remove"):
+        result = handler("let MI choose", [], 2.5, _request("odd-numbers"))  # a whole number is needed
+    assert all(v == gr.skip() for v in result.values())  # every output keeps its value

@@ -7,6 +7,7 @@ import torch
 
 from app import views, work
 from app.jobs import CANCELLED, DONE, FAILED
+from app.recipes import TextChoice
 from app.state import TEST_SOURCE
 from app.testing import loaded_session, run_job, tiny_context
 from fusegpt_core.config import preset
@@ -53,8 +54,9 @@ def test_flow_load_importance_preview_run_generate_export(app):
     assert run.report["removed_blocks"] == [5, 4] and run.report["num_layers_after"] == 4
     assert state_hash(session.loaded.model) == before  # the shared base model is untouched
 
-    table, _ = views.compare_views(session)
+    table, _, caption = views.compare_views(session)
     assert list(table["model"]) == ["original", "dropped [5, 4]", "#1 fusegpt"]
+    assert "windows" in caption and "median" in caption
 
     snap = run_job(app, session, work.make_generate_job(session, "Hello", {"max_new_tokens": 4}))
     assert snap.status == DONE, snap.error
@@ -97,7 +99,7 @@ def test_user_errors_fail_the_job_with_one_line(app):
     with pytest.raises(Exception, match="no model is loaded"):
         work.make_preview_job(app, session, [1], TEXT, 32, 2, 0)
     with pytest.raises(Exception, match="too short"):
-        work.check_source_text("paste text", "tiny", None, "wikitext2")
+        TextChoice("paste text", "tiny").source()
     with pytest.raises(Exception, match="write token"):
         work.make_push_job(session, 1, "me/model", "")
 
@@ -108,9 +110,13 @@ def test_one_click_demo_job(app):
     snap = run_job(app, session, work.make_demo_job(app, session, recipe, "Hi", TEST_SOURCE), kind="demo", timeout=180)
     assert snap.status == DONE, snap.error
     assert session.importance and session.runs and session.generations
-    assert session.plan["blocks"] == session.runs[0].report["removed_blocks"]
+    assert session.plan.blocks == session.runs[0].report["removed_blocks"]
+    # the Run tab shows the settings the demo ran with, so the plan diagram draws its groups
+    assert session.settings.preset == work.DEMO_PRESET
+    assert session.settings.int_value("fusion.group_size", 0) == recipe.fusion.group_size
 
 
-def test_time_block_forward(tiny_loaded):
+def test_timings_for_estimates(tiny_loaded):
     assert 0 < work.time_block_forward(tiny_loaded, seq_len=16) < 5
+    assert 0 < work.time_decode_token(tiny_loaded) < 5
     assert isinstance(torch.__version__, str)
