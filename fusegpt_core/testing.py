@@ -35,60 +35,35 @@ _LLAMA_LIKE = {
     "llama": transformers.LlamaConfig,
     "mistral": transformers.MistralConfig,
     "qwen2": transformers.Qwen2Config,
+    "gemma2": transformers.Gemma2Config,
+    "gemma3": transformers.Gemma3TextConfig,
 }
+
+
+def _alternating(num_layers: int) -> list[str]:
+    """Sliding-window and full-attention blocks in turn, the first one sliding."""
+    return [("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(num_layers)]
 
 
 def tiny_config(
     family: str = "llama", num_layers: int = 6, hidden: int = 32, vocab: int = 259, sliding_window: int | None = None
 ):
     """A small config of `family`. `sliding_window` (tokens) gives Mistral one window for every block,
-    and Qwen2 / Gemma alternating sliding-window and full-attention blocks."""
+    and Qwen2 alternating sliding-window and full-attention blocks; Gemma's blocks always alternate."""
     common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
-    if family == "qwen2" and sliding_window is not None:
-        return transformers.Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            use_sliding_window=True,
-            sliding_window=sliding_window,
-            layer_types=[("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(num_layers)],
-            **common,
-        )
-    if family == "mistral" and sliding_window is not None:
-        return transformers.MistralConfig(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=sliding_window,
-            **common,
-        )
-    if family in ("gemma2", "gemma3"):
-        config_class = transformers.Gemma2Config if family == "gemma2" else transformers.Gemma3TextConfig
-        return config_class(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=hidden // 4,
-            query_pre_attn_scalar=hidden // 4,
-            sliding_window=sliding_window or 16,
-            layer_types=[("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(num_layers)],
-            **common,
-        )
     if family in _LLAMA_LIKE:
-        return _LLAMA_LIKE[family](
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
+        common.update(
+            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=num_layers, num_attention_heads=4,
             num_key_value_heads=2,
-            **common,
-        )
+        )  # fmt: skip
+        if family in ("gemma2", "gemma3"):
+            common.update(head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=sliding_window or 16,
+                          layer_types=_alternating(num_layers))  # fmt: skip
+        elif family == "qwen2" and sliding_window is not None:
+            common.update(use_sliding_window=True, sliding_window=sliding_window, layer_types=_alternating(num_layers))
+        elif family == "mistral" and sliding_window is not None:
+            common.update(sliding_window=sliding_window)
+        return _LLAMA_LIKE[family](**common)
     if family == "gpt2":
         common["n_positions"] = common.pop("max_position_embeddings")
         return transformers.GPT2Config(

@@ -73,7 +73,10 @@ def test_model_dependent_checks():
 
 
 def test_presets():
-    assert set(PRESETS) == {"cpu-demo", "tiny", "paper"}
+    assert set(PRESETS) == {"quick", "cpu-demo", "tiny", "paper"}
+    quick, demo = preset("quick").to_dict(), preset("cpu-demo").to_dict()
+    assert quick["data"].pop("n_calib") == 64 and demo["data"].pop("n_calib") == 320
+    assert quick == demo  # the quick preset is cpu-demo on a fifth of the data
     paper = preset("paper")
     assert (paper.data.seq_len, paper.distill.epochs, paper.distill.loss) == (2048, 20, "kl")
     assert paper.distill.lr_lora == pytest.approx(9.65e-6)

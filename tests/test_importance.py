@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fusegpt_core.adapters import get_blocks, get_final_norm
+from fusegpt_core.capture import capture_block_inputs, run_block
 from fusegpt_core.evaluate import drop_blocks, perplexity
 from fusegpt_core.importance import METRICS, block_forward_count, lowest, rank_agreement, score_blocks
 from fusegpt_core.testing import FAMILIES, tiny_model
@@ -47,10 +50,16 @@ def test_local_metrics(windows):
     w = windows[:2]
     scores = score_blocks(model, w, metrics=("bi", "angular"))
     assert set(scores) == {"bi", "angular"}
-    # angular distance and BI are monotone in the same cosine, so they rank blocks identically
-    rank_bi = sorted(range(4), key=lambda i: scores["bi"][i])
-    rank_ang = sorted(range(4), key=lambda i: scores["angular"][i])
-    assert rank_bi == rank_ang
+    # both from each block's own input and output: BI = 1 - mean cos, angular = mean arccos(cos) / pi (per
+    # token; the means of a cosine and of its arccos need not rank blocks alike, so each is checked directly)
+    inputs = capture_block_inputs(model, w)
+    h = inputs.hidden
+    for i, block in enumerate(get_blocks(model)):
+        out = run_block(block, h, inputs.calls)
+        cos = F.cosine_similarity(h, out, dim=-1)  # (n, seq)
+        assert scores["bi"][i] == pytest.approx(1 - cos.mean().item(), abs=1e-6)
+        assert scores["angular"][i] == pytest.approx((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean().item(), abs=1e-6)
+        h = out
     assert all(0 <= a <= 1 for a in scores["angular"])
 
 

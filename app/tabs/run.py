@@ -100,7 +100,8 @@ class RunTab(Tab):
         estimates = [self.estimate, plan.estimate, plan.diagram]
         self.quick(self.preset.input, self.fill_preset, self.preset, [*self.knobs, self.preset_md, *estimates])
         changed = named(self.settings_changed, ["preset", "method", "baselines", *KNOB_PARAMS])
-        for widget in self.setting_inputs:
+        # not on the preset's own change: that fires with the old knobs before fill_preset sends the new ones
+        for widget in [self.method, self.baselines, *self.knobs]:
             self.quick(widget.change, changed, self.setting_inputs, estimates, trigger_mode="always_last")
         self.quick(self.recipe_file.upload, self.restore_recipe, self.recipe_file, [shell.status, shell.timer])
         text = shell.importance.text_inputs

@@ -72,6 +72,16 @@ def _wait_done(page, title: str, timeout: int = LONG) -> None:
     expect(page.locator("#job-status")).to_contain_text(re.compile(rf"{re.escape(title)}.* finished"), timeout=timeout)
 
 
+def _open_and_load(page, url: str) -> None:
+    """Open the app and load the test model (the bundled one with FUSEGPT_E2E_BUNDLED=1)."""
+    page.goto(url)
+    page.wait_for_selector("#load-btn", timeout=60_000)
+    if not BUNDLED:
+        page.get_by_test_id("tiny (test model)-radio-label").click()
+    page.click("#load-btn")
+    _wait_done(page, "Load")
+
+
 def _click_heatmap(page, block: int) -> None:
     """What a click on a heatmap cell does (plotly's click event), without aiming the mouse at a cell."""
     page.wait_for_function(
@@ -92,14 +102,8 @@ def test_whole_flow_in_a_browser(live_app, browser):
     expect = playwright_api.expect
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     check = Checker(page)
-    page.goto(url)
-    page.wait_for_selector("#load-btn", timeout=60_000)
-
     # 1. model
-    if not BUNDLED:
-        page.get_by_test_id("tiny (test model)-radio-label").click()
-    page.click("#load-btn")
-    _wait_done(page, "Load")
+    _open_and_load(page, url)
     expect(page.locator("#model-info")).to_contain_text("llama")
     check.no_errors("load")
     check.shot("1-model")
@@ -151,6 +155,9 @@ def test_whole_flow_in_a_browser(live_app, browser):
     _tab(page, "4 · Run")
     page.locator("#preset-dd input").click()
     page.get_by_role("option", name="tiny", exact=True).click()
+    expect(page.locator("#run-estimate")).to_contain_text("preset tiny", timeout=20_000)
+    page.wait_for_timeout(1500)  # every knob's change has settled: the stored settings are the tiny preset's
+    expect(page.locator("#run-estimate")).not_to_contain_text("speed")  # tiny does not time decoding
     page.locator("#baselines-cb").get_by_label("drop", exact=True).check()
     page.click("#run-btn")
     _wait_done(page, "Run drop")
@@ -203,12 +210,7 @@ def test_stop_button_stops_a_run(live_app, browser):
     url, _ = live_app
     expect = playwright_api.expect
     page = browser.new_page(viewport={"width": 1360, "height": 900})
-    page.goto(url)
-    page.wait_for_selector("#load-btn", timeout=60_000)
-    if not BUNDLED:
-        page.get_by_test_id("tiny (test model)-radio-label").click()
-    page.click("#load-btn")
-    _wait_done(page, "Load")
+    _open_and_load(page, url)
     _tab(page, "3 · Plan")
     page.locator("#plan-mode").get_by_label("let MI choose").check()
     _tab(page, "4 · Run")
@@ -226,12 +228,7 @@ def test_one_click_demo_asks_first_and_finishes_on_the_page(live_app, browser):
     expect = playwright_api.expect
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     check = Checker(page)
-    page.goto(url)
-    page.wait_for_selector("#demo-btn", timeout=60_000)
-    if not BUNDLED:
-        page.get_by_test_id("tiny (test model)-radio-label").click()
-    page.click("#load-btn")
-    _wait_done(page, "Load")
+    _open_and_load(page, url)
     _tab(page, "4 · Run")  # mounts the Run tab's plots: later figures redraw them
     expect(page.locator("#loss-plot .js-plotly-plot")).to_be_visible()
     _tab(page, "3 · Plan")
@@ -279,12 +276,7 @@ def test_a_figure_that_cannot_render_does_not_stop_the_page(live_app, browser, m
     page = browser.new_page(viewport={"width": 1360, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("#load-btn", timeout=60_000)
-    if not BUNDLED:
-        page.get_by_test_id("tiny (test model)-radio-label").click()
-    page.click("#load-btn")
-    _wait_done(page, "Load")
+    _open_and_load(page, url)
     _tab(page, "3 · Plan")
     page.locator("#plan-mode").get_by_label("let MI choose").check()  # scored: the trajectory gets a row
     expect(page.locator("#plan-summary")).to_contain_text("MI chooses", timeout=20_000)
