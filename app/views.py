@@ -18,6 +18,9 @@ from .state import Session
 STATUS_ICON = {QUEUED: "◷", RUNNING: "▶", DONE: "✔", FAILED: "✖", CANCELLED: "■"}
 
 
+METRIC_SHORT = {"mi": "MI", "bi": "BI", "angular": "Angular distance", "ppl": "Perplexity increase"}
+
+
 def metric_labels() -> dict[str, str]:
     from fusegpt_core.importance import METRICS
 
@@ -150,7 +153,13 @@ def _blocks(k: int) -> str:
 def plan_summary(session: Session) -> str:
     plan = session.plan
     if plan.auto:
-        return f"MI chooses **{_blocks(plan.remove)}** during the run (iterative: re-scored after each fusion)."
+        how = (
+            "one-shot: scored once, on the original model"
+            if session.settings.value("selection") == "one-shot"
+            else "iterative: re-scored after each fusion"
+        )
+        metric = METRIC_SHORT.get(session.settings.value("metric"), "MI")
+        return f"{metric} chooses **{_blocks(plan.remove)}** during the run ({how})."
     if not plan.blocks:
         return "No block chosen yet."
     extra = f"; custom targets for {sorted(plan.targets)}" if plan.targets else ""
