@@ -3,7 +3,7 @@
 No gradio here. A `Session` belongs to one visitor (one browser); the `SessionRegistry` creates
 them on demand, notices when their pages close, and frees them after a grace period (so that a
 page reload finds its results again). Loaded base models are shared read-only across sessions
-through `ModelCache`: the pipeline never edits its input model, and every edit happens on a copy.
+through `ModelCache`: the pipeline never edits its input model; it works on a fork sharing its tensors.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ Everything else in the library reaches blocks only through these functions.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import ModelLoadError
@@ -186,3 +188,40 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+# ---- copy-on-write ------------------------------------------------------------------------------
+# A run never edits its input model and never copies it whole (a 7B model copied is 13 GB more).
+# `fork_model` gives a model with its own module objects and config, sharing every weight tensor:
+# removing and renumbering blocks then touches only the fork. A round `own`s what it trains (norms,
+# coefficients, LoRA) before training it, and folding or averaging writes new tensors instead of
+# writing into shared ones, so the input's tensors are never written.
+
+
+def fork_module(module: nn.Module, old_config=None, new_config=None) -> nn.Module:
+    """The same module tree as new objects sharing every parameter and buffer tensor. Attributes
+    that point at `old_config` point at `new_config` in the fork."""
+    new = copy.copy(module)  # a new object whose __dict__ is a shallow copy of the old one's
+    for name, value in module.__dict__.items():
+        if isinstance(value, (dict, set)) and name.startswith("_"):  # parameters, buffers, hooks
+            setattr(new, name, copy.copy(value))
+    new._modules = {name: fork_module(child, old_config, new_config) for name, child in module._modules.items()}
+    if new_config is not None and getattr(module, "config", None) is old_config:
+        new.config = new_config
+    if hasattr(new, "_frozen_cache"):  # a FusedLinear's folded weight belongs to the original's parameters
+        new._frozen_cache = None
+    return new
+
+
+def fork_model(model: nn.Module) -> nn.Module:
+    """A model that computes what `model` does, with its own structure and config and the same tensors."""
+    return fork_module(model, model.config, copy.deepcopy(model.config))
+
+
+@torch.no_grad()
+def own_parameters(module: nn.Module) -> None:
+    """Give every parameter under `module` its own copy of the data (before training or editing it)."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:
+                sub._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import block_linears, block_norms, get_adapter, get_blocks, get_module, set_module
+from .adapters import block_linears, block_norms, get_adapter, get_blocks, get_module, own_parameters, set_module
 
 
 def add_lora(model: nn.Module, targets: list[int], rank: int, seed: int = 0) -> list[nn.Parameter]:
@@ -49,6 +49,7 @@ def merge_lora(model: nn.Module) -> int:
     for block in get_blocks(model):
         for name, module in list(block.named_modules()):
             if isinstance(module, LoraLayer):
+                own_parameters(module.get_base_layer())  # peft merges in place; the base may be shared
                 module.merge()
                 set_module(block, name, module.get_base_layer())
                 count += 1
@@ -71,6 +72,7 @@ def average_into(model: nn.Module, removed: int, neighbour: int) -> None:
     """Neighbour's linears and norms become the mean of its own and the removed block's."""
     blocks = get_blocks(model)
     donor, receiver = blocks[removed], blocks[neighbour]
+    own_parameters(receiver)  # its weights may be shared with the input model: average into copies
     for name, layer in block_linears(model, receiver).items():
         other = get_module(donor, name)
         layer.weight.data.copy_((layer.weight.float() + other.weight.float()).div(2))

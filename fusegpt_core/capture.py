@@ -12,9 +12,10 @@ arguments, wherever the block has moved to.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,11 +51,47 @@ def attention_kind(block: nn.Module) -> str | None:
     return None
 
 
-class BlockCalls:
-    """The call arguments of each attention kind of block (one kind for most models)."""
+@dataclass
+class Placement:
+    """Where calibration states live and where blocks compute: the one place that moves them.
 
-    def __init__(self, by_kind: dict[str | None, BlockCall]):
+    Block inputs, group inputs and teacher outputs are as large as the calibration set (the paper's
+    1024 x 2048 tokens of a 7B model: 17 GB each in bf16), so they stay on the host (RAM, pinned
+    when the device is a GPU, so copies overlap with compute) and one batch at a time goes to the
+    device. On a CPU-only machine both are the CPU and nothing moves. `moved` counts the bytes each
+    way (tests read it)."""
+
+    device: torch.device
+    """Where blocks compute: the model's device."""
+    host: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    moved: Counter = field(default_factory=Counter)
+
+    @property
+    def pinned(self) -> bool:
+        return self.device.type == "cuda" and self.host.type == "cpu"
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Room on the host for states of `shape`, filled batch by batch (no list + cat double peak)."""
+        return torch.empty(shape, dtype=dtype, device=self.host, pin_memory=self.pinned)
+
+    def fetch(self, states: torch.Tensor) -> torch.Tensor:
+        """A batch of states, on the device."""
+        self.moved["to device"] += states.numel() * states.element_size()
+        return states.to(self.device, non_blocking=self.pinned)
+
+    def store(self, into: torch.Tensor, start: int, batch: torch.Tensor) -> None:
+        """Write a computed batch (on the device) into host states at rows start.."""
+        self.moved["to host"] += batch.numel() * batch.element_size()
+        into[start : start + batch.shape[0]].copy_(batch.detach())
+
+
+class BlockCalls:
+    """The call arguments of each attention kind of block (one kind for most models), and where
+    their hidden states live (`placement`)."""
+
+    def __init__(self, by_kind: dict[str | None, BlockCall], placement: Placement):
         self.by_kind = by_kind
+        self.placement = placement
 
     def for_block(self, block: nn.Module) -> BlockCall:
         kind = attention_kind(block)
@@ -66,7 +103,7 @@ class BlockCalls:
 @dataclass
 class BlockInputs:
     hidden: torch.Tensor
-    """(n_windows, seq_len, hidden) input of block 0 for every window."""
+    """(n_windows, seq_len, hidden) input of block 0 for every window, on the host."""
     calls: BlockCalls
     """The rest of each block's call."""
 
@@ -135,7 +172,8 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, blocks: list[nn.Module],
 
 
 def capture_calls(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, BlockCalls]:
-    """One forward of `input_ids` (1, seq): (block 0's input (1, seq, hidden), the calls by kind)."""
+    """One forward of `input_ids` (1, seq): (block 0's input (1, seq, hidden) on the device, the
+    calls by kind; their tensors stay on the device: masks and rotary tables are small)."""
     blocks = list(get_blocks(model))
     store = _forward(model, input_ids, blocks, stop_after_first=False)
     if len(store) != len(blocks):
@@ -151,20 +189,22 @@ def capture_calls(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tens
                 f"blocks of one attention kind ({kind or 'the only kind'}) received different arguments "
                 f"(block {index} differs): this architecture needs per-block calls, which are not supported."
             )
-    return store[0][1], BlockCalls(by_kind)
+    return store[0][1], BlockCalls(by_kind, Placement(device=next(model.parameters()).device))
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> BlockInputs:
-    """windows: (n, seq_len) token ids -> BlockInputs on the model's device."""
+    """windows: (n, seq_len) token ids -> BlockInputs, the states on the host."""
     device = next(model.parameters()).device
     windows = windows.to(device)
     first, calls = capture_calls(model, windows[:1])
     blocks = list(get_blocks(model))
-    hidden = [first]  # each (batch, seq, hidden)
+    hidden = calls.placement.empty((windows.shape[0], *first.shape[1:]), first.dtype)  # (n, seq, hidden)
+    calls.placement.store(hidden, 0, first)
     for start in range(1, windows.shape[0], batch_size):
-        hidden.append(_forward(model, windows[start : start + batch_size], blocks, stop_after_first=True)[0][1])
-    return BlockInputs(hidden=torch.cat(hidden), calls=calls)
+        batch = _forward(model, windows[start : start + batch_size], blocks, stop_after_first=True)[0][1]
+        calls.placement.store(hidden, start, batch)
+    return BlockInputs(hidden=hidden, calls=calls)
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, calls: BlockCalls) -> torch.Tensor:
@@ -181,17 +221,18 @@ def run_blocks(
     batch_size: int = 8,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
-    """Run blocks in order over all windows, a batch at a time. hidden: (n, seq, hidden)."""
+    """Run blocks in order over all windows, a batch at a time on the device. hidden: (n, seq,
+    hidden) states on the host; returns the outputs, on the host too."""
     blocks = list(blocks)
-    outs = []  # each (batch, seq, hidden)
+    out = calls.placement.empty(tuple(hidden.shape), hidden.dtype)
     for start in range(0, hidden.shape[0], batch_size):
         if should_stop is not None and should_stop():
             raise Cancelled("stopped by the user")
-        h = hidden[start : start + batch_size]
+        h = calls.placement.fetch(hidden[start : start + batch_size])  # (batch, seq, hidden)
         for block in blocks:
             h = run_block(block, h, calls)
-        outs.append(h)
-    return torch.cat(outs) if outs else hidden[:0]
+        calls.placement.store(out, start, h)
+    return out
 
 
 class PrefixStates:

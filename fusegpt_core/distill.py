@@ -93,6 +93,31 @@ def check_divergence(value: torch.Tensor, step: int, warmup_losses: list[float] 
             )
 
 
+class MasterCopies:
+    """fp32 master copies of the trainable tensors that are not fp32 (a bf16 model's norm weights):
+    Adam steps on the master, and the model's own tensor gets the master's rounded value after each
+    step. Stepping a bf16 weight directly loses every update below its resolution (near 1.0 bf16
+    resolves 2^-8; at the paper's lr of 9.65e-6 the norms would never move)."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.masters = {id(p): (p, p.detach().float().clone()) for p in params if p.dtype != torch.float32}
+        self.trained = [self.masters[id(p)][1] if id(p) in self.masters else p for p in params]
+
+    def of(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """What the optimizer steps for `params`: the master where there is one, else the tensor itself."""
+        return [self.masters[id(p)][1] if id(p) in self.masters else p for p in params]
+
+    def take_grads(self) -> None:
+        for p, master in self.masters.values():
+            master.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        for p, master in self.masters.values():
+            p.copy_(master)
+
+
 @dataclass
 class DistillResult:
     losses: list[float] = field(default_factory=list)
@@ -131,11 +156,13 @@ def finetune(
     """
     loss_fn = LOSSES[loss]
     settled_params = settled_params or []
-    groups = [{"params": coef_params, "lr": lr_coef}]
+    params = coef_params + other_params + settled_params
+    masters = MasterCopies(params)
+    groups = [{"params": masters.of(coef_params), "lr": lr_coef}]
     if other_params:
-        groups.append({"params": other_params, "lr": lr_other})
+        groups.append({"params": masters.of(other_params), "lr": lr_other})
     if settled_params:
-        groups.append({"params": settled_params, "lr": lr_settled if lr_settled is not None else lr_other})
+        groups.append({"params": masters.of(settled_params), "lr": lr_settled if lr_settled is not None else lr_other})
     optimizer = torch.optim.Adam(groups, betas=betas, foreach=True)
     n = inputs.shape[0]
     if n < min_batch(loss):
@@ -146,7 +173,6 @@ def finetune(
     scheduler = warmup_cosine(optimizer, warmup, total)
     generator = torch.Generator().manual_seed(seed)
     result = DistillResult()
-    params = coef_params + other_params + settled_params
     # blocks stay in eval mode: no dropout, so the student sees what the teacher saw
     try:
         step = 0
@@ -156,16 +182,18 @@ def finetune(
                 if should_stop is not None and should_stop():
                     raise Cancelled("stopped by the user during group fine-tuning")
                 idx = order[start:stop]
-                h = inputs[idx.to(inputs.device)]  # (batch, seq, hidden)
+                h = calls.placement.fetch(inputs[idx])  # (batch, seq, hidden) from the host
                 for block in blocks:
                     h = run_block(block, h, calls)
-                value = loss_fn(h, targets[idx.to(targets.device)].to(h.device))
+                value = loss_fn(h, calls.placement.fetch(targets[idx]))
                 check_divergence(value, step, result.losses[:warmup] if step >= warmup else None, divergence_factor)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
+                masters.take_grads()
                 if grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                    torch.nn.utils.clip_grad_norm_(masters.trained, grad_clip)
                 optimizer.step()
+                masters.write_back()
                 scheduler.step()
                 step += 1
                 result.losses.append(value.item())
@@ -192,9 +220,9 @@ def group_loss(
     loss_fn = LOSSES[loss]
     total, count = 0.0, 0
     for start, stop in batch_bounds(inputs.shape[0], batch_size, min_batch(loss)):
-        h = inputs[start:stop]  # (batch, seq, hidden)
+        h = calls.placement.fetch(inputs[start:stop])  # (batch, seq, hidden)
         for block in blocks:
             h = run_block(block, h, calls)
-        total += loss_fn(h, targets[start:stop].to(h.device)).item() * h.shape[0]
+        total += loss_fn(h, calls.placement.fetch(targets[start:stop])).item() * h.shape[0]
         count += h.shape[0]
     return total / max(count, 1)

@@ -27,3 +27,7 @@ class Cancelled(FuseGPTError):
 
 class TrainingDiverged(FuseGPTError):
     """A fusion round's loss became NaN or exploded; the round was rolled back."""
+
+
+class OutOfMemory(FuseGPTError):
+    """The device ran out of memory during a run; the input model is unchanged."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 import time
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import count_params, get_blocks, remove_blocks
+from .adapters import count_params, fork_model, get_blocks, remove_blocks
 from .errors import Cancelled, PlanError
 
 SPEED_REPEATS = 5  # timed generations per model in decode_speeds
@@ -41,14 +40,15 @@ def perplexity(
 
 
 def drop_blocks(model: nn.Module, blocks: list[int]) -> nn.Module:
-    """A copy of `model` with the given blocks (current indices) removed; the input is untouched."""
+    """`model` with the given blocks (current indices) skipped: a fork sharing every weight (no copy),
+    the input untouched."""
     n = len(get_blocks(model))
     bad = [b for b in blocks if not 0 <= b < n]
     if bad:
         raise PlanError(f"block(s) {bad} do not exist: the model has blocks 0 to {n - 1}.")
     if len(set(blocks)) >= n:
         raise PlanError(f"cannot remove all {n} blocks.")
-    out = copy.deepcopy(model)
+    out = fork_model(model)
     remove_blocks(out, sorted(set(blocks)))
     return out
 

@@ -203,12 +203,13 @@ class FusedLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Module:
-        """Fold everything into the base layer (computed in fp32) and return it: a stock module."""
+        """Fold everything into the base layer (computed in fp32) and return it: a stock module. The
+        folded weight is a new tensor: the base weight may be shared with the input model."""
         base = self.base_layer
-        base.weight.data.copy_(self.effective_weight())
-        bias = self.effective_bias()
+        weight, bias = self.effective_weight(), self.effective_bias()
+        base.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
-            base.bias.data.copy_(bias)
+            base.bias = nn.Parameter(bias, requires_grad=False)
         return base
 
 

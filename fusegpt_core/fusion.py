@@ -17,9 +17,11 @@ from . import baselines
 from .adapters import (
     block_linears,
     block_norms,
+    fork_module,
     get_adapter,
     get_blocks,
     get_module,
+    own_parameters,
     remove_blocks,
     set_blocks,
     set_module,
@@ -146,20 +148,44 @@ class RoundResult:
     carries, ||(C D) * W_removed|| / ||W_own|| (drop+lora: the LoRA's ||B A|| / ||W_own||)."""
 
 
-class _GroupSnapshot:
-    """What a round may change, kept to put back on failure: the group's blocks and `layer_types`."""
+class _GroupFork:
+    """A round works on forks of its group's blocks (new module objects sharing the frozen weights,
+    with their own copies of what trains: norms, coefficients, LoRA), so the blocks before the round
+    stay as they were: the input model's, or an earlier round's. Rolling back puts them back; the
+    only memory this costs is the copies of the trainable tensors."""
 
     def __init__(self, model: nn.Module, lo: int, hi: int):
         self.blocks = list(get_blocks(model))
-        self.group = copy.deepcopy(self.blocks[lo : hi + 1])
-        self.lo, self.hi = lo, hi
         self.layer_types = copy.copy(getattr(model.config, "layer_types", None))
+        group = [fork_module(b) for b in self.blocks[lo : hi + 1]]
+        for block in group:
+            own_trainables(model, block)
+        for block in self.blocks[lo : hi + 1]:  # kept for a rollback only: their folded weights can go
+            for layer in block.modules():
+                if isinstance(layer, FusedLinear):
+                    layer._frozen_cache = None
+        forked = self.blocks[:lo] + group + self.blocks[hi + 1 :]
+        set_blocks(model, forked, list(range(len(forked))))
 
     def restore(self, model: nn.Module) -> None:
-        restored = self.blocks[: self.lo] + self.group + self.blocks[self.hi + 1 :]
         if self.layer_types is not None:
             model.config.layer_types = self.layer_types
-        set_blocks(model, restored, list(range(len(restored))))
+        set_blocks(model, self.blocks, list(range(len(self.blocks))))
+
+
+def own_trainables(model: nn.Module, block: nn.Module) -> None:
+    """Copies of the block's norms and of its fused layers' coefficients and LoRA, so that training
+    them leaves the tensors it shares with other models alone (frozen weights stay shared)."""
+    for norm in block_norms(model, block):
+        own_parameters(norm)
+    for layer in block_linears(model, block).values():
+        if isinstance(layer, FusedLinear):
+            for name, child in layer.named_children():
+                if name != "base_layer":
+                    own_parameters(child)
+            for name, p in list(layer._parameters.items()):  # lora_A, lora_B
+                if p is not None:
+                    layer._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
 
 
 def fuse_round(
@@ -186,7 +212,7 @@ def fuse_round(
     FusionConfig and DistillConfig. On TrainingDiverged, Cancelled or KeyboardInterrupt the group
     is put back as it was before the round, and the error raised again."""
     lo, hi = group_span(p, targets)
-    snapshot = _GroupSnapshot(model, lo, hi)
+    before = _GroupFork(model, lo, hi)
     try:
         # 1. surgery: inject block p into its targets (the new terms are zero), then delete it
         if method == "fusegpt":
@@ -238,7 +264,7 @@ def fuse_round(
             baselines.merge_lora(model)
         loss_after = group_loss(student, probe_in, probe_out, calls, distill.loss, distill.batch_size)
     except (TrainingDiverged, Cancelled, KeyboardInterrupt):
-        snapshot.restore(model)
+        before.restore(model)
         raise
     return RoundResult(loss_before=loss_before, loss_after=loss_after, losses=trained.losses, absorbed=absorbed)
 

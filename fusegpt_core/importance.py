@@ -131,7 +131,7 @@ def score_blocks(
             on_progress(step, total_steps)
 
     for b in range(n_batches):
-        h0 = inputs.hidden[b * batch_size : (b + 1) * batch_size]
+        h0 = calls.placement.fetch(inputs.hidden[b * batch_size : (b + 1) * batch_size])  # (batch, seq, hidden)
         ids = windows[b * batch_size : (b + 1) * batch_size]
         # states[i] is the input of block i; states[n_blocks] the final hidden state
         states = [h0]

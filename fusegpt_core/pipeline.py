@@ -1,7 +1,8 @@
 """run(recipe) -> compressed model + report: the whole FuseGPT pipeline and its baselines.
 
-The input model is never modified: all surgery happens on a deep copy, so a cancel or a failure
-leaves the caller's model exactly as it was. Progress is reported through `on_event`;
+The input model is never modified and never copied whole: the run works on a fork of it (its own
+module objects and config, the same weight tensors; see adapters.fork_model), and every round copies
+only what it trains, so a cancel or a failure leaves the caller's model exactly as it was. Progress is reported through `on_event`;
 `should_stop` is polled between steps (cooperative cancel).
 
 Where things are decided: which block goes next in selection.py, which blocks absorb it and how a
@@ -10,7 +11,6 @@ round heals its group in fusion.py, how a group trains in distill.py.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from . import baselines
-from .adapters import get_blocks, remove_blocks
+from .adapters import fork_model, get_blocks, remove_blocks
 from .capture import BlockInputs, PrefixStates, capture_block_inputs, run_blocks
 from .config import Recipe, check_seq_len
-from .errors import Cancelled, PlanError, TrainingDiverged
+from .errors import Cancelled, OutOfMemory, PlanError, TrainingDiverged
 from .evaluate import decode_speeds, drop_blocks, model_size, perplexity
 from .fused_linear import fold_fused_linears
 from .fusion import check_targets, fuse_round, group_span, plan_group
@@ -120,6 +120,39 @@ def run(
 
         ctx.stage("load", f"loading {recipe.model}")
         loaded = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
+    try:
+        return _run_loaded(recipe, loaded, ctx, windows)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(e, recipe, loaded, ctx) from None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's "can't allocate memory" RuntimeError."""
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def out_of_memory(error: BaseException, recipe: Recipe, loaded, ctx: _Context) -> OutOfMemory:
+    """One sentence: where memory ran out, that nothing was changed, and which knob to turn."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    d, t = recipe.data, recipe.distill
+    stage = ctx._stage or "the run"
+    first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return OutOfMemory(
+        f"ran out of memory on {loaded.device} during '{stage}' ({first}). The model was not changed. "
+        f"Try a smaller distill.batch_size (now {t.batch_size}) or data.seq_len (now {d.seq_len}), fewer "
+        f"data.n_calib windows (now {d.n_calib}; their hidden states are kept), or a half-precision dtype "
+        f"(now {str(loaded.dtype).replace('torch.', '')})."
+    )
+
+
+def _run_loaded(recipe: Recipe, loaded, ctx: _Context, windows) -> RunResult:
     original = loaded.model
     recipe.validate(num_blocks=len(get_blocks(original)))
     check_seq_len(recipe.data.seq_len, original.config)
@@ -132,9 +165,8 @@ def run(
     dense_ppl = perplexity(original, evals, batch, ctx.should_stop)
     ctx.emit("log", f"original perplexity {dense_ppl:.3f}")
 
-    ctx.stage("copy", "copying the model (the original stays untouched)")
-    work = copy.deepcopy(original)
-    work.requires_grad_(False)
+    ctx.stage("copy", "forking the model (its own structure, the same weights: the original stays untouched)")
+    work = fork_model(original)
     outcome = compress(work, recipe, calib, ctx)
 
     ctx.stage("fold", "folding fused weights into plain linears")

@@ -69,3 +69,32 @@ def test_calls_compare_by_value():
     assert not _same_call(BlockCall((a,), {"x": 1}), BlockCall((a * 2,), {"x": 1}))
     assert not _same_call(BlockCall((a,), {"x": 1}), BlockCall((a,), {"x": 2}))
     assert not _same_call(BlockCall((a,), {}), BlockCall((None,), {}))
+
+
+def test_calibration_states_live_on_the_host_and_go_to_the_device_one_batch_at_a_time(ids):
+    """On this CPU-only machine the host and the device are both the CPU; the placement still
+    records every move, so each stage's traffic is known: all states stored once on the host,
+    one fetch per batch, nothing kept on the device."""
+    from fusegpt_core.distill import finetune
+    from fusegpt_core.fusion import group_trainable, inject
+
+    model = tiny_model("llama", 4)
+    inputs = capture_block_inputs(model, ids, batch_size=2)
+    placement = inputs.calls.placement
+    state_bytes = inputs.hidden.numel() * inputs.hidden.element_size()
+    assert inputs.hidden.device == placement.host and placement.device == next(model.parameters()).device
+    assert placement.moved == {"to host": state_bytes}  # captured batch by batch straight into host states
+
+    placement.moved.clear()
+    blocks = list(get_blocks(model))
+    teacher = run_blocks(blocks, inputs.hidden, inputs.calls, batch_size=2)
+    assert teacher.device == placement.host
+    assert placement.moved == {"to device": state_bytes, "to host": state_bytes}
+
+    placement.moved.clear()
+    inject(model, 1, [0, 2, 3], coef_rank=4, lora_rank=2, generator=torch.Generator().manual_seed(0))
+    student = [b for i, b in enumerate(get_blocks(model)) if i != 1]
+    coefs, _, others = group_trainable(model, [0, 2, 3])
+    finetune(student, inputs.hidden, teacher, inputs.calls, coefs, others, epochs=3, batch_size=2,
+             lr_coef=1e-3, lr_other=1e-4)  # fmt: skip
+    assert placement.moved == {"to device": 3 * 2 * state_bytes}  # inputs and teacher, every epoch; nothing back

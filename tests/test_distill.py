@@ -63,3 +63,33 @@ def test_kl_needs_two_windows_per_batch():
     with pytest.raises(PlanError, match="n_calib"):
         preset("tiny", **{"distill.loss": "kl", "data.n_calib": 1}).validate()
     preset("tiny", **{"distill.loss": "mse", "distill.batch_size": 1}).validate()
+
+
+def _norm_change(dtype, windows, lr):
+    """How far one FuseGPT round moves the group's norm weights, for a tiny model held in `dtype`."""
+    from fusegpt_core.adapters import block_norms
+
+    model = tiny_model("llama", 4).to(dtype)
+    inputs = capture_block_inputs(model, windows[:8])
+    blocks = list(get_blocks(model))
+    teacher = run_blocks(blocks, inputs.hidden, inputs.calls)
+    inject(model, 1, [0, 2, 3], coef_rank=4, lora_rank=2, generator=torch.Generator().manual_seed(0))
+    student = [b for i, b in enumerate(get_blocks(model)) if i != 1]
+    before = [p.detach().float().clone() for b in student for n in block_norms(model, b) for p in n.parameters()]
+    coefs, _, others = group_trainable(model, [0, 2, 3])
+    finetune(student, inputs.hidden, teacher, inputs.calls, coefs, others, epochs=12, batch_size=2, lr_coef=1e-3,
+             lr_other=lr, loss="mse", grad_clip=0)  # fmt: skip
+    after = [p.detach().float() for b in student for n in block_norms(model, b) for p in n.parameters()]
+    assert all(p.dtype == dtype for b in student for n in block_norms(model, b) for p in n.parameters())
+    return torch.cat([(a - b).flatten() for a, b in zip(after, before)])
+
+
+def test_bf16_norms_train_on_fp32_master_copies(windows):
+    """bf16 resolves 2^-8 near 1.0: Adam steps of 1e-3 applied to bf16 norm weights would round away.
+    With fp32 masters the bf16 norms end where the fp32 run's do, to bf16's rounding."""
+    lr = 1e-3  # 48 steps: an fp32 norm weight moves up to about 0.02, each step below bf16 half a step
+    fp32 = _norm_change(torch.float32, windows, lr)
+    bf16 = _norm_change(torch.bfloat16, windows, lr)
+    assert fp32.abs().max() > 4 * 2**-8  # the fp32 norms moved by several bf16 steps
+    assert (bf16 - fp32).abs().max() <= 2 * 2**-8 + 0.25 * fp32.abs().max()
+    assert (bf16 != 0).float().mean() > 0.5  # most bf16 norm weights moved

@@ -225,6 +225,44 @@ class _NaNAfter:
         return value
 
 
+def _out_of_memory_at_training(student, teacher):
+    if torch.is_grad_enabled():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total)")
+    return distill.mse_loss(student, teacher)
+
+
+def test_out_of_memory_is_one_clear_message_and_changes_nothing(app, monkeypatch, capfd, tmp_path, windows):
+    """Simulated: the device runs out of memory in group fine-tuning. The library raises a message that
+    names the knobs; the command line prints it as one line (exit 2); an app job fails with it."""
+    from fusegpt_core.cli import main
+    from fusegpt_core.errors import OutOfMemory
+
+    monkeypatch.setitem(distill.LOSSES, "mse", _out_of_memory_at_training)
+    loaded = tiny_loaded_model("llama", 6)
+    base = state_hash(loaded.model)
+    with pytest.raises(OutOfMemory, match="ran out of memory .* during 'finetune'.*distill.batch_size") as info:
+        run(preset("tiny", blocks=[3]), loaded, windows=(windows[:8], windows[8:]))
+    assert "\n" not in str(info.value) and state_hash(loaded.model) == base
+
+    folder = tmp_path / "tiny"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(sample_text(20000))
+    capfd.readouterr()
+    argv = ["fuse", "--model", str(folder), "--preset", "tiny", "--blocks", "3", "--calib-text", str(text),
+            "--eval-text", str(text), "--out", str(tmp_path / "out"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    _, err = capfd.readouterr()
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ran out of memory"), err
+    assert "Traceback" not in err and not (tmp_path / "out" / "model").exists()
+
+    session = _loaded_session(app, "oom")
+    snap = _run(app, session, blocks=[4])
+    assert snap.status == "failed" and "ran out of memory" in snap.error and "internal error" not in snap.error
+
+
 def test_nan_loss_rolls_the_round_back_through_the_app(app, monkeypatch):
     from app import views, work
 

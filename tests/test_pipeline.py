@@ -24,14 +24,29 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("method", ["fusegpt", "drop", "drop+lora", "average"])
-def test_methods_run_and_leave_the_original_untouched(method, windows):
+def test_methods_run_and_leave_the_original_untouched(method, windows, tokenizer):
     loaded = tiny_loaded_model("llama", 6)
     before = _state(loaded.model)
+    prompt = windows[8:9, :12]
+    generated = loaded.model.generate(prompt, max_new_tokens=6, do_sample=False)  # with the KV cache
     events = []
     result = run(preset("tiny", method=method), loaded, on_event=events.append, windows=(windows[:8], windows[8:]))
     r = result.report
     assert _same(before, _state(loaded.model))
-    assert len(get_blocks(loaded.model)) == 6
+    assert len(get_blocks(loaded.model)) == 6 and loaded.model.config.num_hidden_layers == 6
+    assert [b.self_attn.layer_idx for b in get_blocks(loaded.model)] == list(range(6))  # not renumbered
+    assert torch.equal(loaded.model.generate(prompt, max_new_tokens=6, do_sample=False), generated)
+    # copy-on-write: the result shares the tensors no round changed (no whole-model copy was made)
+    shared = {p.data_ptr() for p in loaded.model.parameters()}
+    embed = result.model.get_input_embeddings().weight
+    assert embed.data_ptr() in shared
+    changed = {t for rnd in r["rounds"] for t in [*rnd["targets"], rnd["removed"]]}
+    if method in ("fusegpt", "drop+lora"):
+        for original_index, block in zip(
+            [b for b in range(6) if b not in r["removed_blocks"]], get_blocks(result.model)
+        ):
+            weights = {p.data_ptr() for p in block.parameters()}
+            assert (weights <= shared) == (original_index not in changed), original_index
     assert r["num_layers_before"] == 6 and r["num_layers_after"] == 4
     assert len(r["removed_blocks"]) == 2 and len(set(r["removed_blocks"])) == 2
     assert all(math.isfinite(r[k]) for k in ("dense_ppl", "dropped_ppl", "result_ppl"))
