@@ -64,8 +64,7 @@ def estimate_run(
     stage is many single-token steps, which a batch forward does not predict)."""
     per_window = block_seconds * recipe.data.seq_len / max(timed_seq_len, 1)
     d = recipe.data
-    k = len(recipe.blocks) if recipe.blocks is not None else recipe.remove
-    k = max(min(k, n_blocks - 1), 0)
+    k = max(min(recipe.count(n_blocks), n_blocks - 1), 0)
     chooses = recipe.blocks is None
     score = finetune = 0.0
     for r in range(k):

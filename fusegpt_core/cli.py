@@ -1,4 +1,4 @@
-"""Command line: `python -m fusegpt_core importance|fuse|evaluate ...`.
+"""Command line: `python -m fusegpt_core importance|fuse|plan|evaluate ...`.
 
 User mistakes end with one line on stderr and exit code 2, never a traceback.
 """
@@ -158,8 +158,12 @@ def build_recipe(args):
                 "carry over. Drop --model to reproduce it, or start from a preset for the other model."
             )
         recipe.model = args.model
+    if args.remove is not None and args.rate is not None:
+        raise FuseGPTError("give --remove (a number of blocks) or --rate (a fraction of them), not both.")
     if args.remove is not None:
-        recipe.remove = args.remove
+        recipe.remove, recipe.rate = args.remove, None
+    if args.rate is not None:
+        recipe.rate = args.rate
     if args.blocks is not None:
         try:
             recipe.blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
@@ -180,20 +184,58 @@ def build_recipe(args):
     return recipe.validate()
 
 
+RECIPE_FLAGS = ("model", "remove", "blocks", "method", "recipe", "set", "calib_text", "eval_text", "seed", "rate")
+
+
+def resumed_recipe(args):
+    """The recipe of the run checkpointed in --resume DIR; recipe flags beside it are refused (the
+    checkpoint's rounds only make sense for the recipe that made them)."""
+    from . import resume
+    from .config import Recipe
+
+    given = [f"--{name.replace('_', '-')}" for name in RECIPE_FLAGS if getattr(args, name, None) not in (None, [])]
+    if given:
+        raise FuseGPTError(f"--resume continues a run with its own recipe: drop {', '.join(given)}.")
+    folder = resume.latest(Path(args.resume))
+    if folder is None:
+        raise FuseGPTError(
+            f"there is no checkpoint in '{Path(args.resume) / resume.CHECKPOINT}': a run writes one after each "
+            "round, so this run stopped before its first round ended (start it again)."
+        )
+    recipe = Recipe.from_dict(resume.read(folder)[0]["recipe"])
+    if args.device is not None:  # where it computes may change; what it computes may not
+        recipe.device = args.device
+    return recipe.validate()
+
+
 def cmd_fuse(args) -> int:
+    import shutil
+
+    from . import resume
     from .export import ExportError, export_model, write_json
     from .loading import load_model
     from .pipeline import run
 
-    out = Path(args.out)
+    if args.out is None and args.resume is None:
+        raise FuseGPTError("fuse needs --out (or --resume DIR to continue a run).")
+    out = Path(args.out or args.resume)
+    if args.resume is not None and Path(args.resume) != out:
+        raise FuseGPTError("--resume DIR continues the run in DIR: its result goes there too (drop --out).")
     if (out / "model").exists() and not args.overwrite:
         raise ExportError(f"'{out / 'model'}' already exists: choose another --out or pass --overwrite.")
-    recipe = build_recipe(args)
+    recipe = resumed_recipe(args) if args.resume is not None else build_recipe(args)
+    if not args.skip_memory_check:
+        plan = memory_plan(recipe, args, args.device_memory)
+        if plan is not None and not plan.fits:
+            raise FuseGPTError(
+                f"{plan.advice} Nothing was run (the estimate: `python -m fusegpt_core plan`; "
+                "--skip-memory-check runs anyway)."
+            )
     progress = _Progress(args.quiet)
     loaded = load_model(
         recipe.model, device=recipe.device, dtype=recipe.dtype, trust_remote_code=args.trust_remote_code
     )
-    result = run(recipe, loaded, on_event=progress)
+    result = run(recipe, loaded, on_event=progress, checkpoint_dir=out, resume_run=args.resume is not None)
     progress._close()
     t0 = time.perf_counter()
     export_model(result.model, result.tokenizer, out / "model", result.report, overwrite=args.overwrite)
@@ -201,6 +243,7 @@ def cmd_fuse(args) -> int:
     result.report["seconds"]["load"] = round(loaded.load_seconds, 2)
     write_json(out / "report.json", result.report)
     write_json(out / "model" / "report.json", result.report)
+    shutil.rmtree(out / resume.CHECKPOINT, ignore_errors=True)  # the result is written: rounds are not needed
     r = result.report
     print(
         f"{r['method']}: removed {r['removed_blocks']} ({r['num_layers_before']} -> {r['num_layers_after']} blocks); "
@@ -208,6 +251,59 @@ def cmd_fuse(args) -> int:
         f"{r['seconds']['total']:.0f}s. Wrote {out / 'report.json'} and {out / 'model'}",
         file=sys.stderr,
     )
+    return 0
+
+
+def memory_plan(recipe, args, device_memory: str | None = None, load_if_needed: bool = False):
+    """The memory plan of `recipe` on its model, from the config only (nothing is loaded); a GGUF
+    file not dequantised yet is loaded (and cached) when `load_if_needed`, else there is no plan (None)."""
+    from .loading import pick_device, pick_dtype
+    from .memory import free_bytes, model_for_plan, parse_bytes, plan_memory
+
+    device = pick_device(recipe.device)
+    dtype = pick_dtype(recipe.dtype, device)
+    try:
+        budget = parse_bytes(device_memory) if device_memory else free_bytes(device)
+    except ValueError as e:
+        raise FuseGPTError(f"--device-memory: {e}.") from None
+    host = free_bytes(torch_cpu()) if device.type != "cpu" else budget
+    skeleton = model_for_plan(recipe.model, trust_remote_code=args.trust_remote_code)
+    if skeleton is None:
+        if not load_if_needed:
+            return None
+        from .loading import load_model
+
+        skeleton = load_model(recipe.model, device="cpu", trust_remote_code=args.trust_remote_code).model
+    recipe.validate(num_blocks=_num_blocks(skeleton))
+    return plan_memory(skeleton, recipe, device, dtype, device_budget=budget, host_budget=host)
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _num_blocks(model) -> int:
+    from .adapters import num_blocks
+
+    return num_blocks(model)
+
+
+def cmd_plan(args) -> int:
+    from .export import write_json
+    from .memory import summary
+
+    recipe = build_recipe(args)
+    plan = memory_plan(recipe, args, args.device_memory, load_if_needed=True)
+    result = {**plan.to_dict(), "model": recipe.model, "recipe": recipe.to_dict()}
+    if args.json:
+        write_json(Path(args.json), result)
+    else:
+        print(json.dumps(result, indent=2))
+    print(summary(plan), file=sys.stderr)
+    if not plan.fits:
+        print(f"does not fit: {plan.advice}", file=sys.stderr)
     return 0
 
 
@@ -233,9 +329,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def parser() -> argparse.ArgumentParser:
+def _recipe_args(p: argparse.ArgumentParser) -> None:
     from .config import METHODS, PRESETS
 
+    p.add_argument("--model", default=None, help="'bundled' (default), a folder, a .gguf file or a hub id")
+    p.add_argument("--remove", type=int, default=None, help="how many blocks to remove")
+    p.add_argument("--rate", type=float, default=None, help="fraction of the blocks to remove: ceil(L x rate)")
+    p.add_argument("--blocks", default=None, help="comma-separated blocks to remove (original indices)")
+    p.add_argument("--method", choices=METHODS, default=None)
+    p.add_argument("--preset", choices=PRESETS, default="cpu-demo")
+    p.add_argument("--recipe", default=None, help="JSON/YAML recipe (or a report.json) to reproduce a run")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. distill.epochs=4")
+    p.add_argument("--calib-text", default=None)
+    p.add_argument("--eval-text", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="memory of the compute device to plan for, e.g. 24GiB (default: what is free now)")  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fusegpt_core", description="FuseGPT block fusion for HF models.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -253,20 +365,23 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_importance)
 
     p = sub.add_parser("fuse", help="remove blocks by fusion (or a baseline) and export the result")
-    p.add_argument("--model", default=None, help="'bundled' (default), a folder, a .gguf file or a hub id")
-    p.add_argument("--remove", type=int, default=None, help="how many blocks to remove")
-    p.add_argument("--blocks", default=None, help="comma-separated blocks to remove (original indices)")
-    p.add_argument("--method", choices=METHODS, default=None)
-    p.add_argument("--preset", choices=PRESETS, default="cpu-demo")
-    p.add_argument("--recipe", default=None, help="JSON/YAML recipe (or a report.json) to reproduce a run")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. distill.epochs=4")
-    p.add_argument("--calib-text", default=None)
-    p.add_argument("--eval-text", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", required=True, help="output folder: report.json and model/")
+    _recipe_args(p)
+    p.add_argument(
+        "--skip-memory-check", action="store_true", help="run even when the memory plan says it will not fit"
+    )
+    p.add_argument("--out", default=None, help="output folder: report.json, model/ and per-round checkpoint/")
+    p.add_argument(
+        "--resume", default=None, metavar="DIR", help="continue the run whose --out was DIR after its last round"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     _common(p)
     p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("plan", help="predict a run's peak memory per stage, without running it")
+    _recipe_args(p)
+    p.add_argument("--json", default=None, help="write the plan here (else print it)")
+    _common(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("evaluate", help="perplexity of a model on the evaluation text")
     p.add_argument("--model", default="bundled")
@@ -292,5 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stopped: nothing was written.", file=sys.stderr)
+        if getattr(args, "command", None) == "fuse":
+            print(
+                f"stopped: no result was written. Rounds that finished are kept: continue with "
+                f"`python -m fusegpt_core fuse --resume {args.out or args.resume}`.",
+                file=sys.stderr,
+            )
+        else:
+            print("stopped: nothing was written.", file=sys.stderr)
         return 130

@@ -36,6 +36,9 @@ class DataConfig:
     """Windows used for perplexity (non-overlapping, from the start of the evaluation text)."""
     seed: int = 0
     """Seed for choosing calibration windows and initialising the fusion coefficients."""
+    fallback_source: str | None = None
+    """Used for calibration and evaluation when a Hugging Face source cannot be reached (offline, no
+    cache); the report says so. None: an unreachable source is an error (the paper preset: 'bundled')."""
 
 
 @dataclass
@@ -76,6 +79,10 @@ class DistillConfig:
     divergence_factor: float = 10.0
     """Roll the round back when, after the warm-up, a batch's loss exceeds this many times the
     warm-up's worst batch (or the loss is NaN or infinite)."""
+    checkpoint: bool | None = None
+    """Per-block gradient checkpointing during fine-tuning (one more forward per step, the same
+    numbers, a group's activations down to one block's); None: on when the memory plan says the
+    compute device is short (see memory.py)."""
 
 
 @dataclass
@@ -94,6 +101,9 @@ class Recipe:
     """'fusegpt', 'drop', 'drop+lora' or 'average'."""
     remove: int = 6
     """How many blocks to remove (ignored when `blocks` is given)."""
+    rate: float | None = None
+    """Fraction of the blocks to remove, ceil(L x rate) of L (the paper's 25%: 8 of Llama-2-7B's 32);
+    when set it replaces `remove` (ignored when `blocks` is given)."""
     blocks: list[int] | None = None
     """Blocks to remove, by original index, in removal order; None lets the metric choose."""
     selection: str = "iterative"
@@ -178,7 +188,9 @@ class Recipe:
             self.eval.speed_tokens,
             "a whole number of at least 1",
         )
-        if self.blocks is None:
+        if self.blocks is None and self.rate is not None:
+            _check(_number(self.rate) and 0 < self.rate < 1, "rate", self.rate, "a fraction between 0 and 1")
+        elif self.blocks is None:
             _check(isinstance(self.remove, int) and self.remove >= 1, "remove", self.remove, "at least 1")
         else:
             _check(isinstance(self.blocks, list), "blocks", self.blocks, "a list of block numbers")
@@ -186,9 +198,17 @@ class Recipe:
             self.validate_for_model(num_blocks)
         return self
 
+    def count(self, num_blocks: int) -> int:
+        """How many blocks the run removes from a model of `num_blocks`."""
+        if self.blocks is not None:
+            return len(self.blocks)
+        if self.rate is not None:
+            return math.ceil(num_blocks * self.rate - 1e-9)  # 0.25 of 32 is 8, not 9 from rounding noise
+        return self.remove
+
     def validate_for_model(self, num_blocks: int) -> None:
         """Checks that need the model's block count."""
-        count = len(self.blocks) if self.blocks is not None else self.remove
+        count = self.count(num_blocks)
         if count > num_blocks - 1:
             raise PlanError(
                 f"cannot remove {count} of {num_blocks} blocks: at least one block must remain "
@@ -365,13 +385,24 @@ def preset(name: str, **overrides: Any) -> Recipe:
         recipe = Recipe(
             remove=8,
             dtype=None,
-            data=DataConfig(seq_len=2048, n_calib=1024, n_score=32, n_eval=64),
+            rate=0.25,
+            data=DataConfig(
+                calib_source="hf:wikitext2",
+                eval_source="hf:wikitext2",
+                fallback_source="bundled",
+                seq_len=2048,
+                n_calib=1024,
+                n_score=32,
+                n_eval=64,
+            ),
             fusion=FusionConfig(group_size=8, coef_rank=128, lora_rank=128),
             distill=DistillConfig(epochs=20, batch_size=8, lr_coef=1e-3, lr_lora=9.65e-6, lr_settled=1e-3, loss="kl"),
         )
     else:
         raise RecipeError(f"unknown preset '{name}' (known: {', '.join(PRESETS)}).")
     d = recipe.to_dict()
+    if "remove" in overrides and "rate" not in overrides:
+        d["rate"] = None  # a count asked for replaces the preset's rate
     for key, value in overrides.items():
         _set_dotted(d, key, value)
     return Recipe.from_dict(d)

@@ -31,3 +31,7 @@ class TrainingDiverged(FuseGPTError):
 
 class OutOfMemory(FuseGPTError):
     """The device ran out of memory during a run; the input model is unchanged."""
+
+
+class ResumeError(FuseGPTError):
+    """A checkpoint that cannot be resumed: missing, corrupt, or made for another model or text."""

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _weight_and_bias(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+@torch.no_grad()
+def donor_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) a removed block's linear contributes: its own, shared, for a plain layer; its
+    effective ones, built once, for a layer that absorbed blocks of earlier rounds."""
     if isinstance(layer, FusedLinear):
         return layer.effective_weight(), layer.effective_bias()
     return layer.weight.detach(), (layer.bias.detach() if getattr(layer, "bias", None) is not None else None)
@@ -51,7 +54,7 @@ class FusedLinear(nn.Module):
         self.bias_coef = nn.ParameterList()  # each (bias_len,), zero-initialised
         self.num_absorbed = 0
         self.num_settled = 0  # absorbed terms whose coefficients a finished round already trained
-        # (key, weight, bias) of what _weights_for_forward last folded without a graph (CPU only)
+        # (key, weight, bias) of what folded_weight last folded without a graph (CPU only)
         self._frozen_cache: tuple | None = None
 
     @property
@@ -65,7 +68,14 @@ class FusedLinear(nn.Module):
 
     def absorb(self, other: nn.Module, coef_rank: int, fuse_bias: bool = True, generator=None) -> None:
         """Inject the (effective) weight of the same linear of a removed block."""
-        weight, bias = _weight_and_bias(other)
+        weight, bias = donor_weights(other)
+        self.absorb_weights(weight, bias, coef_rank, fuse_bias, generator)
+
+    def absorb_weights(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, coef_rank: int, fuse_bias: bool = True, generator=None
+    ) -> None:
+        """Inject a removed block's weight (and bias) as computed by donor_weights. The tensors are
+        kept as they are, not copied: one donor's weights serve every target it is fused into."""
         if weight.shape != self.base_layer.weight.shape:
             raise ValueError(f"cannot fuse weight {tuple(weight.shape)} into {tuple(self.base_layer.weight.shape)}")
         k = self.num_absorbed
@@ -132,32 +142,36 @@ class FusedLinear(nn.Module):
             return None
         return (base_bias.float() + self.delta_bias()).to(base_bias.dtype)
 
-    def _weights_for_forward(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) to compute with. On CPU what cannot change during this call is folded
-        once and kept: rebuilding W_eff costs about as much as a small batch's matmuls, scoring and
-        teacher passes run frozen layers many times, and a round that leaves earlier rounds'
-        coefficients frozen (distill.lr_settled = 0) rebuilds only its new term at each step. On
-        GPUs the rebuild is cheap and memory is the scarce resource: nothing is kept."""
-        if self.base_layer.weight.device.type != "cpu":
+    def folded_weight(self) -> torch.Tensor:
+        """W_eff in the base weight's dtype, without a graph: what forward multiplies by.
+
+        On CPU what cannot change during a call is folded once and kept: rebuilding W_eff costs
+        about as much as a small batch's matmuls, scoring and teacher passes run frozen layers many
+        times, and a training step needs W_eff twice (forward and backward). The terms that train
+        (their parameters require grad) are added to that kept part at each call. On GPUs the
+        rebuild is cheap and memory is the scarce resource: nothing is kept."""
+        base = self.base_layer.weight
+        if base.device.type != "cpu":
             self._frozen_cache = None
-            return self.effective_weight(), self.effective_bias()
-        grad = torch.is_grad_enabled()
-        lora_trains = grad and any(p.requires_grad for p in self._lora_params())
-        training = [k for k in range(self.num_absorbed) if grad and any(p.requires_grad for p in self._term_params(k))]
+            with torch.no_grad():
+                return (base.float() + self.delta_weight()).to(base.dtype)
+        lora_trains = any(p.requires_grad for p in self._lora_params())
+        training = [k for k in range(self.num_absorbed) if any(p.requires_grad for p in self._term_params(k))]
         if not lora_trains and not training:
-            return self._cached(list(self.parameters()), lambda: (self.effective_weight(), self.effective_bias()))
+            weight, _ = self._cached(list(self.parameters()), lambda: (self.effective_weight(), None))
+            return weight
         frozen = [k for k in range(self.num_absorbed) if k not in training]
-        depends_on = [self.base_layer.weight, *(p for k in frozen for p in self._term_params(k))]
+        depends_on = [base, *(p for k in frozen for p in self._term_params(k))]
         if not lora_trains:
             depends_on += self._lora_params()
-        # fp32: base + the frozen terms (+ the LoRA when it is frozen), then the training terms with a graph
+        # fp32: base + the frozen terms (+ the LoRA when it is frozen), kept; then the training terms
         fixed, _ = self._cached(
             depends_on,
-            lambda: (self.base_layer.weight.float() + self._delta(lora=not lora_trains, terms=frozen), None),
+            lambda: (base.float() + self._delta(lora=not lora_trains, terms=frozen), None),
             tag=(tuple(training), lora_trains),
         )
-        weight = fixed + self._delta(lora=lora_trains, terms=training)
-        return weight.to(self.base_layer.weight.dtype), self.effective_bias()
+        with torch.no_grad():
+            return (fixed + self._delta(lora=lora_trains, terms=training)).to(base.dtype)
 
     def _cached(self, depends_on: list[torch.Tensor], compute, tag: tuple = ()):
         """compute()'s (weight, bias) without a graph, computed again only when a tensor it depends on
@@ -165,9 +179,18 @@ class FusedLinear(nn.Module):
         its storage) or `tag` (which parts train) did."""
         key = (tag, self.num_absorbed, tuple((t.data_ptr(), t._version) for t in depends_on))
         if self._frozen_cache is None or self._frozen_cache[0] != key:
+            self._frozen_cache = None  # the old fold goes before the new one is built
             with torch.no_grad():
                 self._frozen_cache = (key, *compute())
         return self._frozen_cache[1], self._frozen_cache[2]
+
+    def weight_parts(self) -> list[nn.Parameter]:
+        """The parameters W_eff is built from besides the base weight, in a fixed order: the LoRA's
+        A and B (when there is one), then C_k and D_k of each absorbed term."""
+        parts = list(self._lora_params())
+        for k in range(self.num_absorbed):
+            parts += [self.coef_C[k], self.coef_D[k]]
+        return parts
 
     def _term_params(self, k: int) -> tuple[nn.Parameter, ...]:
         return (self.coef_C[k], self.coef_D[k], self.bias_coef[k])
@@ -176,15 +199,13 @@ class FusedLinear(nn.Module):
         return (self.lora_A, self.lora_B) if self.lora_rank > 0 else ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._weights_for_forward()
-        weight = weight.to(x.dtype)
-        bias = bias.to(x.dtype) if bias is not None else None
-        if self.conv1d:  # Conv1D: x (..., in) @ W (in, out) + b
-            out = x.reshape(-1, x.shape[-1]) @ weight
-            if bias is not None:
-                out = out + bias
-            return out.reshape(*x.shape[:-1], weight.shape[-1])
-        return F.linear(x, weight, bias)
+        parts = self.weight_parts()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+            out = _FusedMatmul.apply(x, self, *parts)
+        else:
+            out = _matmul(x, self.folded_weight().to(x.dtype), self.conv1d)
+        bias = self.effective_bias()  # small: plain autograd, with a graph when its coefficients train
+        return out if bias is None else out + bias.to(x.dtype)
 
     def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
         """(new fusion coefficients, coefficients settled by earlier rounds, LoRA matrices)."""
@@ -223,3 +244,59 @@ def fold_fused_linears(module: nn.Module) -> int:
         else:
             count += fold_fused_linears(child)
     return count
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """x (..., in) times a weight in its layer's layout: (out, in) for nn.Linear, (in, out) for Conv1D."""
+    return x @ weight if conv1d else F.linear(x, weight)
+
+
+class _FusedMatmul(torch.autograd.Function):
+    """x times W_eff with gradients for the coefficients and the LoRA, keeping for backward only x
+    and the small trainable matrices. Plain autograd through W_eff = W + B A + sum_k (C_k D_k) * W_k
+    would keep an fp32 copy of every absorbed W_k (bf16 models) and W_eff itself, each as large as
+    the layer; here backward rebuilds W_eff (kept on CPU, see folded_weight) and reads the W_k the
+    layer already holds.
+
+    With G = dL/dW_eff (rows, cols) in the base weight's layout:
+        dL/dB = G A^T,  dL/dA = B^T G,  dL/dC_k = (G * W_k) D_k^T,  dL/dD_k = C_k^T (G * W_k)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: FusedLinear, *parts: torch.Tensor) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, *parts)
+        return _matmul(x, layer.folded_weight().to(x.dtype), layer.conv1d)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, *parts = ctx.saved_tensors
+        layer: FusedLinear = ctx.layer
+        weight = layer.folded_weight().to(grad_out.dtype)  # (rows, cols), rebuilt rather than saved
+        needs = ctx.needs_input_grad
+        grad_x = None
+        if needs[0]:
+            grad_x = grad_out @ weight.t() if layer.conv1d else grad_out @ weight  # (..., in)
+        del weight
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
+        xs = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        grad_w = (xs.t() @ g if layer.conv1d else g.t() @ xs).float()  # (rows, cols), dL/dW_eff
+        grads: list[torch.Tensor | None] = [None] * len(parts)
+        i = 0
+        if layer.lora_rank > 0:
+            lora_a, lora_b = parts[0], parts[1]
+            if needs[2]:
+                grads[0] = lora_b.t() @ grad_w  # (rank, cols)
+            if needs[3]:
+                grads[1] = grad_w @ lora_a.t()  # (rows, rank)
+            i = 2
+        for k in range(layer.num_absorbed):
+            c, d = parts[i], parts[i + 1]
+            if needs[2 + i] or needs[3 + i]:
+                masked = grad_w * getattr(layer, f"absorbed_weight_{k}")  # (rows, cols), fp32
+                if needs[2 + i]:
+                    grads[i] = masked @ d.t()  # (rows, r)
+                if needs[3 + i]:
+                    grads[i + 1] = c.t() @ masked  # (r, cols)
+                del masked
+            i += 2
+        return grad_x, None, *grads

@@ -29,7 +29,7 @@ from .adapters import (
 from .capture import BlockCalls
 from .distill import finetune, group_loss
 from .errors import Cancelled, PlanError, TrainingDiverged
-from .fused_linear import FusedLinear
+from .fused_linear import FusedLinear, donor_weights
 
 LOSS_PROBE_WINDOWS = 8  # calibration windows for a round's loss before/after figures
 
@@ -82,7 +82,8 @@ def inject(
     check_targets(removed, targets, len(get_blocks(model)))
     adapter = get_adapter(model)
     blocks = get_blocks(model)
-    donor = block_linears(model, blocks[removed])
+    # the removed block's weights, built once (its effective ones if it was itself a target before)
+    donor = {name: donor_weights(layer) for name, layer in block_linears(model, blocks[removed]).items()}
     touched = []
     for t in targets:
         block = blocks[t]
@@ -91,7 +92,8 @@ def inject(
             if not isinstance(layer, FusedLinear):
                 layer = FusedLinear(layer, lora_rank=lora_rank, conv1d=adapter.conv1d, generator=generator)
                 set_module(block, name, layer)
-            layer.absorb(donor[name], coef_rank=coef_rank, fuse_bias=fuse_bias, generator=generator)
+            weight, bias = donor[name]
+            layer.absorb_weights(weight, bias, coef_rank=coef_rank, fuse_bias=fuse_bias, generator=generator)
             touched.append(layer)
     return touched
 
@@ -201,6 +203,7 @@ def fuse_round(
     distill,
     generator: torch.Generator,
     seed: int,
+    checkpoint: bool = False,
     on_step: Callable[[int, int, float], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -209,7 +212,7 @@ def fuse_round(
 
     group_in: (n, seq, hidden) calibration states at the input of the group's first block;
     teacher: the group's output on them, block p still in. `fusion`, `distill`: the recipe's
-    FusionConfig and DistillConfig. On TrainingDiverged, Cancelled or KeyboardInterrupt the group
+    FusionConfig and DistillConfig; `checkpoint`: per-block gradient checkpointing. On TrainingDiverged, Cancelled or KeyboardInterrupt the group
     is put back as it was before the round, and the error raised again."""
     lo, hi = group_span(p, targets)
     before = _GroupFork(model, lo, hi)
@@ -249,6 +252,7 @@ def fuse_round(
             betas=tuple(distill.betas),
             grad_clip=distill.grad_clip,
             divergence_factor=distill.divergence_factor,
+            checkpoint=checkpoint,
             settled_params=settled,
             lr_settled=distill.lr_settled,
             seed=seed,

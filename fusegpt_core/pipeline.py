@@ -14,12 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import baselines
+from . import baselines, resume
 from .adapters import fork_model, get_blocks, remove_blocks
 from .capture import BlockInputs, PrefixStates, capture_block_inputs, run_blocks
 from .config import Recipe, check_seq_len
@@ -28,7 +29,7 @@ from .evaluate import decode_speeds, drop_blocks, model_size, perplexity
 from .fused_linear import fold_fused_linears
 from .fusion import check_targets, fuse_round, group_span, plan_group
 from .importance import score_blocks
-from .selection import BlockIndex, most_absorbable, strategy
+from .selection import BlockIndex, OneShot, most_absorbable, strategy
 
 FORWARD_BATCH = 8  # windows per batch of gradient-free passes (scoring, teachers, perplexity): on
 # CPU a block forward costs 15% less per window at 8 than at the small training batches
@@ -89,14 +90,35 @@ class _Context:
         return {k: round(v, 2) for k, v in self.seconds.items()}
 
 
-def load_windows(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibration windows (n_calib, seq), evaluation windows (n_eval, seq)) from disjoint text."""
+def load_windows(recipe: Recipe, tokenizer, notes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration windows (n_calib, seq), evaluation windows (n_eval, seq)) from disjoint text.
+
+    What a user should know about the data (a hub source replaced by the fallback, fewer windows
+    than asked) is appended to `notes`."""
     from .data import load_texts, token_windows
+    from .errors import DataError
 
     d = recipe.data
-    calib_text, eval_text = load_texts(d.calib_source, d.eval_source, seed=d.seed)
+    notes = notes if notes is not None else []
+    try:
+        calib_text, eval_text = load_texts(d.calib_source, d.eval_source, seed=d.seed)
+    except DataError as e:
+        hub = any(s.lower().startswith("hf:") for s in (d.calib_source, d.eval_source))
+        if not hub or d.fallback_source is None:
+            raise
+        notes.append(
+            f"{d.calib_source} / {d.eval_source} could not be loaded ({e}); calibrated and evaluated on "
+            f"'{d.fallback_source}' instead: figures are not comparable with the paper's."
+        )
+        calib_text, eval_text = load_texts(d.fallback_source, d.fallback_source, seed=d.seed)
     calib = token_windows(tokenizer, calib_text, d.seq_len, d.n_calib, seed=d.seed)
     evals = token_windows(tokenizer, eval_text, d.seq_len, None, seed=d.seed)[: d.n_eval]
+    for name, got, asked in (("calibration", calib.shape[0], d.n_calib), ("evaluation", evals.shape[0], d.n_eval)):
+        if got < asked:
+            notes.append(
+                f"the {name} text gives {got} windows of {d.seq_len} tokens, fewer than the {asked} asked: "
+                f"the run uses {got} (give more text or shorten data.seq_len)."
+            )
     return calib, evals
 
 
@@ -106,11 +128,15 @@ def run(
     on_event: Callable[[Event], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     windows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_run: bool = False,
 ) -> RunResult:
     """Run `recipe` and return the compressed (folded, plain HF) model with its report.
 
     `loaded`: a LoadedModel to start from (else recipe.model is loaded); `windows`: optional
     (calibration, evaluation) token windows to use instead of recipe.data's text sources.
+    `checkpoint_dir`: write a checkpoint there after every round (resume.py); with `resume_run`,
+    continue from the newest one instead of starting over.
     """
     recipe.validate()
     torch.manual_seed(recipe.data.seed)  # anything not drawn from our own generators
@@ -121,7 +147,7 @@ def run(
         ctx.stage("load", f"loading {recipe.model}")
         loaded = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
     try:
-        return _run_loaded(recipe, loaded, ctx, windows)
+        return _run_loaded(recipe, loaded, ctx, windows, checkpoint_dir, resume_run)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
@@ -152,22 +178,44 @@ def out_of_memory(error: BaseException, recipe: Recipe, loaded, ctx: _Context) -
     )
 
 
-def _run_loaded(recipe: Recipe, loaded, ctx: _Context, windows) -> RunResult:
+def _run_loaded(recipe: Recipe, loaded, ctx: _Context, windows, checkpoint_dir, resume_run) -> RunResult:
     original = loaded.model
     recipe.validate(num_blocks=len(get_blocks(original)))
     check_seq_len(recipe.data.seq_len, original.config)
+    resume_from = None
+    if resume_run:
+        resume_from = resume.latest(checkpoint_dir)
+        if resume_from is None:
+            raise resume.ResumeError(f"there is no checkpoint to resume in '{checkpoint_dir}'.")
 
     ctx.stage("data", "preparing calibration and evaluation windows")
-    calib, evals = windows if windows is not None else load_windows(recipe, loaded.tokenizer)
+    notes: list[str] = []
+    calib, evals = windows if windows is not None else load_windows(recipe, loaded.tokenizer, notes)
+    for note in notes:
+        ctx.emit("log", "note: " + note)
 
-    ctx.stage("evaluate", "perplexity of the original model")
     batch = forward_batch(recipe)
-    dense_ppl = perplexity(original, evals, batch, ctx.should_stop)
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(Path(checkpoint_dir), original, resume.fingerprint(original, calib), resume_from)
+    if resume_from is not None:
+        dense_ppl = resume.read(resume_from)[0]["dense_ppl"]
+        ctx.emit("log", f"resuming from {resume_from}")
+    else:
+        ctx.stage("evaluate", "perplexity of the original model")
+        dense_ppl = perplexity(original, evals, batch, ctx.should_stop)
     ctx.emit("log", f"original perplexity {dense_ppl:.3f}")
+    if checkpoints is not None:
+        checkpoints.dense_ppl = dense_ppl
+
+    if recipe.distill.checkpoint is None:
+        recipe = recipe_with_checkpointing(recipe, original)
+        if recipe.distill.checkpoint:
+            ctx.emit("log", "memory is short for the group's activations: gradient checkpointing is on")
 
     ctx.stage("copy", "forking the model (its own structure, the same weights: the original stays untouched)")
     work = fork_model(original)
-    outcome = compress(work, recipe, calib, ctx)
+    outcome = compress(work, recipe, calib, ctx, checkpoints)
 
     ctx.stage("fold", "folding fused weights into plain linears")
     fold_fused_linears(work)
@@ -190,10 +238,26 @@ def _run_loaded(recipe: Recipe, loaded, ctx: _Context, windows) -> RunResult:
         figures["speed_before"], figures["speed_after"] = speeds
 
     report = _report(recipe, loaded, original, work, outcome, figures, calib, evals)
+    report["notes"] = notes
     report["seconds"] = ctx.finish()
     report["seconds"]["total"] = round(sum(report["seconds"].values()), 2)
     ctx.on_event(Event("stage", "done", "finished", data={"report": report}))
     return RunResult(report=report, model=work, tokenizer=loaded.tokenizer)
+
+
+def recipe_with_checkpointing(recipe: Recipe, model: nn.Module) -> Recipe:
+    """`recipe` with distill.checkpoint decided: on when the memory plan says the compute device is
+    short of room for the group's activations (memory.plan_memory), else off."""
+    from .loading import available_memory_bytes
+    from .memory import plan_memory
+
+    param = next(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = available_memory_bytes(param.device) + weights  # the weights are already in place
+    plan = plan_memory(model, recipe, param.device, param.dtype, device_budget=budget)
+    d = recipe.to_dict()
+    d["distill"]["checkpoint"] = plan.checkpoint
+    return Recipe.from_dict(d)
 
 
 def _report(recipe, loaded, original, work, outcome, figures, calib, evals) -> dict[str, Any]:
@@ -245,20 +309,58 @@ class Compression:
     """'done', or 'diverged' when a round was rolled back (the rounds before it stand)."""
 
 
-def compress(work: nn.Module, recipe: Recipe, calib: torch.Tensor, ctx: _Context) -> Compression:
-    """All removal rounds of `recipe` on `work`, in place. calib: (n_calib, seq) token ids."""
+@dataclass
+class Checkpoints:
+    """Where a run writes its per-round checkpoints, and the one it resumes from (if any)."""
+
+    out: Path
+    original: nn.Module
+    fingerprint: dict[str, str]
+    resume_from: Path | None = None
+    dense_ppl: float | None = None
+
+    def save(self, recipe: Recipe, r: int, work: nn.Module, index: BlockIndex, out: Compression, generator) -> None:
+        state = {
+            "recipe": recipe.to_dict(),
+            "fingerprint": self.fingerprint,
+            "dense_ppl": self.dense_ppl,
+            "removed": out.removed,
+            "rounds": out.rounds,
+            "trajectory": out.trajectory,
+            "status": out.status,
+        }
+        resume.save(self.out, r, state, self.original, work, index.original, generator)
+
+
+def compress(
+    work: nn.Module, recipe: Recipe, calib: torch.Tensor, ctx: _Context, checkpoints: Checkpoints | None = None
+) -> Compression:
+    """All removal rounds of `recipe` on `work`, in place. calib: (n_calib, seq) token ids.
+    With `checkpoints`, each finished round is written to disk, and a run that resumes starts
+    from the rounds its checkpoint holds."""
     index = BlockIndex(len(get_blocks(work)))
     select = strategy(recipe.selection, recipe.blocks)
-    count = len(recipe.blocks) if recipe.blocks is not None else recipe.remove
+    count = recipe.count(len(index))
+    generator = torch.Generator(device=next(work.parameters()).device).manual_seed(recipe.data.seed)
+    out = Compression()
+    if checkpoints is not None and checkpoints.resume_from is not None:
+        resumed = resume.restore(checkpoints.resume_from, work, checkpoints.original, calib)
+        state = resumed.state
+        out = Compression(state["rounds"], state["trajectory"], state["removed"], state["status"])
+        for original in out.removed:
+            index.remove(index.current(original))
+        generator.set_state(resumed.generator_state)
+        if isinstance(select, OneShot) and out.trajectory:
+            select.first_scores = out.trajectory[0]
+        if out.status != "done":
+            return out  # the run had ended on a rolled-back round
     trains = recipe.method in ("fusegpt", "drop+lora")
     needs_inputs = trains or (recipe.candidates > 1 and recipe.blocks is None)
     calib_inputs = capture_block_inputs(work, calib, forward_batch(recipe)) if needs_inputs else None
     # group inputs continue from saved block boundaries (every ~1/8 of the depth), not the embeddings
-    prefix = PrefixStates(calib_inputs, stride=-(-len(index) // 8)) if trains else None
-    generator = torch.Generator(device=next(work.parameters()).device).manual_seed(recipe.data.seed)
-    out = Compression()
+    prefix = PrefixStates(calib_inputs, stride=-(-index.num_original // 8)) if trains else None
 
-    for r in range(count):
+    for r in range(len(out.removed), count):
         ctx.check()
         p = _choose(work, recipe, select, index, r, count, calib, calib_inputs, out, ctx)
         targets = _targets(recipe, index, p)
@@ -286,6 +388,8 @@ def compress(work: nn.Module, recipe: Recipe, calib: torch.Tensor, ctx: _Context
         out.removed.append(index.remove(p))
         info["seconds"] = round(time.perf_counter() - started, 2)
         out.rounds.append(info)
+        if checkpoints is not None:
+            checkpoints.save(recipe, r, work, index, out, generator)
         ctx.emit("round", f"removed block {info['removed']}", r + 1, count, **info)
     return out
 
@@ -378,6 +482,7 @@ def _heal(
         distill=recipe.distill,
         generator=generator,
         seed=recipe.data.seed + r,
+        checkpoint=bool(recipe.distill.checkpoint),
         on_step=lambda s, t, loss: ctx.emit(
             "loss", f"round {label} step {s}/{t}", s, t, round=r, loss=loss, removed=removed
         ),

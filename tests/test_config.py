@@ -82,3 +82,17 @@ def test_presets():
     assert paper.distill.lr_lora == pytest.approx(9.65e-6)
     with pytest.raises(RecipeError):
         preset("nope")
+
+
+def test_rate_removes_a_fraction_of_the_blocks_and_a_count_replaces_it():
+    from fusegpt_core.config import preset
+
+    paper = preset("paper")
+    assert paper.rate == 0.25 and paper.count(32) == 8 and paper.count(30) == 8 and paper.count(22) == 6
+    assert preset("paper", remove=3).count(32) == 3  # a count asked for wins over the preset's rate
+    assert preset("tiny", rate=0.5).count(6) == 3
+    assert preset("tiny", rate=0.5, blocks=[1]).count(6) == 1
+    with pytest.raises(PlanError, match="rate"):
+        preset("tiny", rate=1.5).validate()
+    with pytest.raises(PlanError, match="cannot remove 5 of 6"):
+        preset("tiny", rate=0.8).validate(num_blocks=6)

@@ -93,3 +93,26 @@ def test_bf16_norms_train_on_fp32_master_copies(windows):
     assert fp32.abs().max() > 4 * 2**-8  # the fp32 norms moved by several bf16 steps
     assert (bf16 - fp32).abs().max() <= 2 * 2**-8 + 0.25 * fp32.abs().max()
     assert (bf16 != 0).float().mean() > 0.5  # most bf16 norm weights moved
+
+
+def _train_group(windows, checkpoint: bool) -> tuple[list[float], list[torch.Tensor]]:
+    model = tiny_model("llama", 4)
+    inputs = capture_block_inputs(model, windows[:4])
+    teacher = run_blocks(list(get_blocks(model)), inputs.hidden, inputs.calls)
+    inject(model, 1, [0, 2, 3], coef_rank=4, lora_rank=2, generator=torch.Generator().manual_seed(0))
+    student = [b for i, b in enumerate(get_blocks(model)) if i != 1]
+    coefs, _, others = group_trainable(model, [0, 2, 3])
+    result = finetune(
+        student, inputs.hidden, teacher, inputs.calls, coefs, others,
+        epochs=2, batch_size=2, lr_coef=1e-2, lr_other=1e-3, loss="mse", checkpoint=checkpoint,
+    )  # fmt: skip
+    return result.losses, [p.detach().clone() for p in coefs + others]
+
+
+def test_gradient_checkpointing_trains_exactly_the_same(windows):
+    losses, params = _train_group(windows, checkpoint=False)
+    losses_ckpt, params_ckpt = _train_group(windows, checkpoint=True)
+    assert losses == losses_ckpt and len(losses) == 4
+    assert any((p != 0).any() for p in params[: len(params) // 2])
+    for a, b in zip(params, params_ckpt):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

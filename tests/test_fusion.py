@@ -45,6 +45,23 @@ def test_fresh_fused_group_equals_plain_removal(family, windows):
         torch.testing.assert_close(model(w).logits, dropped(w).logits, rtol=0, atol=1e-5)
 
 
+def test_a_fused_donor_is_built_once_for_all_its_targets():
+    """A block that absorbed an earlier one gives away its effective weights: one tensor per linear,
+    shared by every target (not one copy per target: 7 copies of a block in the reference window)."""
+    model = tiny_model("llama", num_layers=6)
+    inject(model, 2, [1, 3], coef_rank=2, lora_rank=0)  # block 1 and 3 become fused layers
+    remove_blocks(model, [2])
+    inject(model, 1, [0, 2, 3], coef_rank=2, lora_rank=0)  # the fused block 1 goes into three targets
+    blocks = get_blocks(model)
+    q = [blocks[t].self_attn.q_proj for t in (0, 2, 3)]
+    last = [layer.num_absorbed - 1 for layer in q]
+    ptrs = {getattr(layer, f"absorbed_weight_{k}").data_ptr() for layer, k in zip(q, last)}
+    assert len(ptrs) == 1
+    torch.testing.assert_close(
+        getattr(q[0], f"absorbed_weight_{last[0]}"), blocks[1].self_attn.q_proj.effective_weight()
+    )
+
+
 def test_trainable_set_is_coefficients_lora_and_norms():
     model = tiny_model("llama", 6)
     inject(model, 3, [1, 2, 4], coef_rank=2, lora_rank=2)

@@ -246,3 +246,34 @@ def test_earlier_rounds_coefficients_stay_frozen_when_their_rate_is_zero(lr_sett
     recipe = preset("tiny", blocks=[2, 3], **{"distill.lr_settled": lr_settled})  # overlapping groups
     r = run(recipe, loaded, windows=(windows[:8], windows[8:])).report
     assert r["status"] == "done" and checked == [kept]
+
+
+def test_fewer_windows_than_asked_and_an_unreachable_hub_are_said(monkeypatch, tokenizer):
+    from fusegpt_core import data
+    from fusegpt_core.errors import DataError
+    from fusegpt_core.pipeline import load_windows
+    from fusegpt_core.testing import sample_text
+
+    text = sample_text(4000)
+    recipe = preset(
+        "tiny", **{"data.calib_source": f"text:{text}", "data.eval_source": f"text:{text}", "data.n_calib": 64}
+    )
+    notes = []
+    calib, evals = load_windows(recipe, tokenizer, notes)
+    assert calib.shape[0] < recipe.data.n_calib or evals.shape[0] < recipe.data.n_eval
+    assert any("fewer than the" in n for n in notes)
+
+    real = data.load_texts
+
+    def offline(calib_source, eval_source, seed=0):
+        if calib_source.startswith("hf:"):
+            raise DataError("Could not reach the Hugging Face Hub")
+        return real(f"text:{text * 8}", f"text:{text * 8}", seed=seed)
+
+    monkeypatch.setattr(data, "load_texts", offline)
+    hub = {"data.calib_source": "hf:wikitext2", "data.eval_source": "hf:wikitext2"}
+    with pytest.raises(DataError):  # no fallback: an error, as before
+        load_windows(preset("tiny", **hub), tokenizer, [])
+    notes = []
+    load_windows(preset("tiny", **hub, **{"data.fallback_source": "bundled"}), tokenizer, notes)
+    assert any("could not be loaded" in n and "'bundled' instead" in n for n in notes)

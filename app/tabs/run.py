@@ -77,10 +77,6 @@ class RunTab(Tab):
         with gr.Accordion("Log", open=False):
             self.log_box = gr.Textbox(lines=10, max_lines=20, label="Log", interactive=False)
 
-    @property
-    def setting_inputs(self) -> list:
-        return [self.preset, self.method, self.baselines, *self.knobs]
-
     def remember(self, session, preset=None, method=None, baselines=None, knobs=None) -> RunSettings:
         """Store what the Run tab shows in the session (a reload restores it); returns the settings."""
         with session.lock:
@@ -99,10 +95,14 @@ class RunTab(Tab):
         shell, plan = self.shell, self.shell.plan
         estimates = [self.estimate, plan.estimate, plan.diagram]
         self.quick(self.preset.input, self.fill_preset, self.preset, [*self.knobs, self.preset_md, *estimates])
-        changed = named(self.settings_changed, ["preset", "method", "baselines", *KNOB_PARAMS])
-        # not on the preset's own change: that fires with the old knobs before fill_preset sends the new ones
-        for widget in [self.method, self.baselines, *self.knobs]:
-            self.quick(widget.change, changed, self.setting_inputs, estimates, trigger_mode="always_last")
+        # Each widget reports only its own value: a preset fill updates every knob, and a change event
+        # that carried all of them could be sent while only some were updated and land last, storing a
+        # mix of two presets (seen: the tiny preset estimated with the speed test of the one before).
+        # Not on the preset's own change: fill_preset stores the preset and its knobs in one go.
+        self.quick(self.method.change, named(self.method_changed, ["method"]), [self.method], estimates)
+        self.quick(self.baselines.change, named(self.baselines_changed, ["baselines"]), [self.baselines], estimates)
+        for i, widget in enumerate(self.knobs):
+            self.quick(widget.change, self._knob_handler(i), [widget], estimates, trigger_mode="always_last")
         self.quick(self.recipe_file.upload, self.restore_recipe, self.recipe_file, [shell.status, shell.timer])
         text = shell.importance.text_inputs
         self.run_btn.click(
@@ -121,9 +121,28 @@ class RunTab(Tab):
         settings = self.remember(session, preset=name, knobs=preset_values(name))
         return {**dict(zip(self.knobs, settings.knobs)), self.preset_md: preset_line(name), **self.estimates(session)}
 
-    def settings_changed(self, preset, method, baselines, *knobs, request: gr.Request) -> dict:
+    def method_changed(self, method, request: gr.Request) -> dict:
         session = self.session(request)
-        self.remember(session, preset, method, baselines, knobs)
+        self.remember(session, method=method)
+        return self.estimates(session)
+
+    def baselines_changed(self, baselines, request: gr.Request) -> dict:
+        session = self.session(request)
+        self.remember(session, baselines=baselines or [])
+        return self.estimates(session)
+
+    def _knob_handler(self, index: int):
+        def knob_changed(value, request: gr.Request) -> dict:
+            return self.knob_changed(index, value, request=request)
+
+        return named(knob_changed, [KNOB_PARAMS[index]])
+
+    def knob_changed(self, index: int, value, request: gr.Request) -> dict:
+        session = self.session(request)
+        with session.lock:
+            knobs = list(session.settings.knobs)
+            knobs[index] = value
+        self.remember(session, knobs=knobs)
         return self.estimates(session)
 
     def estimates(self, session) -> dict:

@@ -162,20 +162,18 @@ def test_an_uploaded_recipe_restores_settings_and_plan(built, tmp_path):
 
 
 def test_odd_numbers_in_boxes_give_messages_not_errors(built):
-    from app.recipes import KNOB_KEYS, preset_values
+    from app.recipes import KNOB_KEYS
     from app.testing import loaded_session
 
     demo, ctx = built
     ui = demo.fusegpt_ui
     session = loaded_session(ctx, "odd-numbers")
     session.plan.pick([2])
-    knobs = preset_values("quick")
-    knobs[KNOB_KEYS.index("fusion.group_size")] = 999
-    out = ui.run.settings_changed("quick", "fusegpt", [], *knobs, request=_request("odd-numbers"))
+    ui.run.fill_preset("quick", request=_request("odd-numbers"))
+    out = ui.run.knob_changed(KNOB_KEYS.index("fusion.group_size"), 999, request=_request("odd-numbers"))
     assert out[ui.plan.diagram].data  # drawn, with the group clamped to the model's 6 blocks
     assert "Estimated run time" in out[ui.run.estimate]
-    knobs[KNOB_KEYS.index("distill.epochs")] = -3
-    out = ui.run.settings_changed("quick", "fusegpt", [], *knobs, request=_request("odd-numbers"))
+    out = ui.run.knob_changed(KNOB_KEYS.index("distill.epochs"), -3, request=_request("odd-numbers"))
     assert "No estimate yet" in out[ui.run.estimate] and "distill.epochs" in out[ui.run.estimate]
     handler = next(fn.fn for fn in demo.fns.values() if fn.name == "edit")
     with pytest.warns(UserWarning, match="blocks to remove"):
