@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import block_linears, block_norms, get_adapter, get_blocks
+from .adapters import block_linears, block_norms, count_params, get_adapter, get_blocks
 from .config import Recipe
 
 BACKWARD_TRANSIENTS = 4  # fp32 (rows, cols) tensors alive at once in a fused linear's backward
@@ -92,12 +92,7 @@ class _Shapes:
 
 def _shapes(model: nn.Module) -> _Shapes:
     config = model.config
-    seen: set[int] = set()
-    params = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            params += p.numel()
+    params = count_params(model)
     block = get_blocks(model)[0]
     linears = [tuple(layer.weight.shape) for layer in block_linears(model, block).values()]
     hidden = int(getattr(config, "hidden_size", None) or config.n_embd)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fusegpt_core import loading
-from fusegpt_core.testing import sample_text, tiny_tokenizer
+from fusegpt_core.testing import sample_text, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -17,6 +17,15 @@ def windows(tokenizer):
     """(12, 64) token windows of deterministic filler text."""
     ids = tokenizer(sample_text(20000))["input_ids"]
     return torch.tensor(ids[: 12 * 64]).view(12, 64)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A 6-block tiny Llama saved as a local model folder (with its tokenizer)."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model("llama", num_layers=6).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture

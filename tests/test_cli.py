@@ -8,17 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fusegpt_core.cli import main
-from fusegpt_core.testing import sample_text, tiny_model, tiny_tokenizer
+from fusegpt_core.testing import sample_text
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("llama", num_layers=6).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

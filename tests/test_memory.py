@@ -8,7 +8,7 @@ import torch
 from fusegpt_core.cli import main
 from fusegpt_core.config import preset
 from fusegpt_core.memory import parse_bytes, plan_memory, skeleton
-from fusegpt_core.testing import tiny_model, tiny_tokenizer
+from fusegpt_core.testing import tiny_model
 
 
 def test_sizes_are_read_as_people_write_them():
@@ -57,14 +57,6 @@ def test_checkpointing_turns_on_only_when_the_device_is_short():
     forced = plan_memory(model, preset("tiny", **{"distill.checkpoint": False}), torch.device("cuda"),
                          torch.bfloat16, device_budget=1)  # fmt: skip
     assert not forced.checkpoint and not forced.fits and "GiB" in forced.advice
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("llama", num_layers=6).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_plan_command_writes_the_figures(tiny_dir, tmp_path):
