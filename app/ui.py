@@ -9,6 +9,7 @@ renders whatever changed, using per-view version counters so unchanged plots are
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 import time
 from typing import Any
@@ -25,6 +26,8 @@ from .tabs.importance import ImportanceTab
 from .tabs.model import ModelTab
 from .tabs.plan import PlanTab
 from .tabs.run import RunTab
+
+log = logging.getLogger("fusegpt.app.ui")
 
 MAX_UPLOAD = "20mb"
 _TOKENS = itertools.count(1)
@@ -233,7 +236,15 @@ class Shell:
                 session.figures.pop(key, None)
 
     def tick(self, seen, request: gr.Request):
-        return self.deliver(self.render(self.session(request), seen), request)
+        """One poll. A render that fails (a bug, or a job changing what it reads mid-render) must not
+        stop the polling, or the page would stop updating while the server goes on: the error is
+        logged, every output keeps its value and the timer stays on, so the next tick renders again."""
+        try:
+            return self.deliver(self.render(self.session(request), seen), request)
+        except Exception:
+            log.exception("rendering a poll failed; polling goes on")
+            outputs = self.route(self.outputs())
+            return {**{c: gr.skip() for c in outputs}, self.timer: gr.Timer(active=True)}
 
     def stop(self, request: gr.Request):
         """Stop this session's running job (between two steps) and drop its queued ones."""

@@ -179,3 +179,18 @@ def test_odd_numbers_in_boxes_give_messages_not_errors(built):
     with pytest.warns(UserWarning, match="blocks to remove"):
         result = handler("let MI choose", [], 2.5, _request("odd-numbers"))  # a whole number is needed
     assert all(v == gr.skip() for v in result.values())  # every output keeps its value
+
+
+def test_a_poll_whose_render_fails_keeps_polling(built, monkeypatch):
+    """The page must not stop updating because one render failed: the timer stays on."""
+    demo, ctx = built
+    ui = demo.fusegpt_ui
+
+    def broken(session, seen):
+        raise RuntimeError("dictionary changed size during iteration")
+
+    monkeypatch.setattr(ui, "render", broken)
+    out = ui.tick({}, _request("broken-render"))
+    timer = out[ui.timer]
+    assert getattr(timer, "active", None) is True or timer.get("active") is True
+    assert all(v == gr.skip() for k, v in out.items() if k is not ui.timer)
