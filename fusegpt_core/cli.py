@@ -202,7 +202,7 @@ def resumed_recipe(args):
             f"there is no checkpoint in '{Path(args.resume) / resume.CHECKPOINT}': a run writes one after each "
             "round, so this run stopped before its first round ended (start it again)."
         )
-    recipe = Recipe.from_dict(resume.read(folder)[0]["recipe"])
+    recipe = Recipe.from_dict(resume.read_state(folder)["recipe"])
     if args.device is not None:  # where it computes may change; what it computes may not
         recipe.device = args.device
     return recipe.validate()
@@ -257,16 +257,19 @@ def cmd_fuse(args) -> int:
 def memory_plan(recipe, args, device_memory: str | None = None, load_if_needed: bool = False):
     """The memory plan of `recipe` on its model, from the config only (nothing is loaded); a GGUF
     file not dequantised yet is loaded (and cached) when `load_if_needed`, else there is no plan (None)."""
-    from .loading import pick_device, pick_dtype
-    from .memory import free_bytes, model_for_plan, parse_bytes, plan_memory
+    import torch
+
+    from .adapters import num_blocks
+    from .loading import available_memory_bytes, pick_device, pick_dtype
+    from .memory import model_for_plan, parse_bytes, plan_memory
 
     device = pick_device(recipe.device)
     dtype = pick_dtype(recipe.dtype, device)
     try:
-        budget = parse_bytes(device_memory) if device_memory else free_bytes(device)
+        budget = parse_bytes(device_memory) if device_memory else available_memory_bytes(device)
     except ValueError as e:
         raise FuseGPTError(f"--device-memory: {e}.") from None
-    host = free_bytes(torch_cpu()) if device.type != "cpu" else budget
+    host = available_memory_bytes(torch.device("cpu")) if device.type != "cpu" else budget
     skeleton = model_for_plan(recipe.model, trust_remote_code=args.trust_remote_code)
     if skeleton is None:
         if not load_if_needed:
@@ -274,20 +277,8 @@ def memory_plan(recipe, args, device_memory: str | None = None, load_if_needed: 
         from .loading import load_model
 
         skeleton = load_model(recipe.model, device="cpu", trust_remote_code=args.trust_remote_code).model
-    recipe.validate(num_blocks=_num_blocks(skeleton))
+    recipe.validate(num_blocks=num_blocks(skeleton))
     return plan_memory(skeleton, recipe, device, dtype, device_budget=budget, host_budget=host)
-
-
-def torch_cpu():
-    import torch
-
-    return torch.device("cpu")
-
-
-def _num_blocks(model) -> int:
-    from .adapters import num_blocks
-
-    return num_blocks(model)
 
 
 def cmd_plan(args) -> int:

@@ -275,12 +275,6 @@ def model_for_plan(source: str, trust_remote_code: bool = False) -> nn.Module | 
     return skeleton(config, trust_remote_code)
 
 
-def free_bytes(device: torch.device) -> int:
-    from .loading import available_memory_bytes
-
-    return available_memory_bytes(device)
-
-
 def gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
 

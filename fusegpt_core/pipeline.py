@@ -199,7 +199,7 @@ def _run_loaded(recipe: Recipe, loaded, ctx: _Context, windows, checkpoint_dir, 
     if checkpoint_dir is not None:
         checkpoints = Checkpoints(Path(checkpoint_dir), original, resume.fingerprint(original, calib), resume_from)
     if resume_from is not None:
-        dense_ppl = resume.read(resume_from)[0]["dense_ppl"]
+        dense_ppl = resume.read_state(resume_from)["dense_ppl"]
         ctx.emit("log", f"resuming from {resume_from}")
     else:
         ctx.stage("evaluate", "perplexity of the original model")

@@ -136,13 +136,11 @@ def save(
     return final
 
 
-def read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def read_state(folder: Path) -> dict[str, Any]:
+    """state.json of a checkpoint folder (recipe, removed blocks, rounds, fingerprints)."""
     try:
         state = json.loads((folder / "state.json").read_text())
-        tensors = load_file(str(folder / "tensors.safetensors"))
-    except Exception as e:  # unreadable JSON, a truncated or foreign safetensors file (SafetensorError)
+    except Exception as e:  # unreadable or not JSON
         raise ResumeError(
             f"the checkpoint in '{folder}' cannot be read ({e}); start the run again without --resume."
         ) from None
@@ -150,6 +148,20 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise ResumeError(
             f"the checkpoint in '{folder}' has format {state.get('format')}, this version reads {FORMAT}."
         )
+    return state
+
+
+def read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(state.json, the saved tensors) of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    state = read_state(folder)
+    try:
+        tensors = load_file(str(folder / "tensors.safetensors"))
+    except Exception as e:  # a truncated or foreign safetensors file (SafetensorError)
+        raise ResumeError(
+            f"the checkpoint in '{folder}' cannot be read ({e}); start the run again without --resume."
+        ) from None
     return state, tensors
 
 
