@@ -335,13 +335,19 @@ class AppContext:
     """Load the default model when a page first opens (FUSEGPT_APP_AUTOLOAD=0 turns it off)."""
 
     def active_job(self, session: Session):
-        """The session's newest unfinished job snapshot, else its newest job's snapshot, else None."""
+        """The session's oldest unfinished job snapshot (the one running), else its newest job's
+        snapshot, else None."""
         snaps = [self.runner.snapshot(j) for j in session.jobs]
         snaps = [s for s in snaps if s is not None]
         live = [s for s in snaps if s.status not in FINISHED]
         if live:
             return live[0]
         return snaps[-1] if snaps else None
+
+    def has_unfinished(self, session: Session, kind: str, title: str) -> bool:
+        """Whether the session has a queued or running job of this kind and title."""
+        snaps = (self.runner.snapshot(j) for j in session.jobs)
+        return any(s is not None and s.status not in FINISHED and (s.kind, s.title) == (kind, title) for s in snaps)
 
     def trim_run_models(self) -> int:
         """Release the models of the oldest runs (of any session) beyond `max_run_models`; returns how many."""

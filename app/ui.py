@@ -2,7 +2,8 @@
 Launching happens only in app.py.
 
 Every button handler is quick: it turns widget values into core arguments, submits a job to the
-runner and returns. A gr.Timer polls the session (only while it has unfinished jobs) and each tab
+runner and returns. A gr.Timer polls the session (every second while it has unfinished jobs, every
+few seconds otherwise) and each tab
 renders whatever changed, using per-view version counters so unchanged plots are not re-sent.
 """
 
@@ -19,7 +20,7 @@ import gradio as gr
 from . import explain, views, work
 from .jobs import FAILED, FINISHED
 from .state import ASSETS, TEST_SOURCE, AppContext, Session, get_context
-from .tabs.base import Changes, session_of, submit_job
+from .tabs.base import BUSY_POLL_S, IDLE_POLL_S, Changes, session_of, submit_job
 from .tabs.compare import CompareTab
 from .tabs.export import ExportTab
 from .tabs.importance import ImportanceTab
@@ -83,7 +84,7 @@ class Shell:
         with gr.Blocks(title="FuseGPT Studio", fill_width=False) as demo:
             self.seen = gr.State({})
             self.browser_id = gr.BrowserState(None, storage_key="fusegpt-studio-session")
-            self.timer = gr.Timer(1.0, active=False)
+            self.timer = gr.Timer(BUSY_POLL_S, active=True)
             with gr.Row(elem_id="header"):
                 with gr.Column(scale=4):
                     gr.Markdown(explain.INTRO)
@@ -172,10 +173,11 @@ class Shell:
                 reported.add(job_id)
                 gr.Warning(f"{s.title}: {s.error}")
         changes.seen["reported"] = sorted(reported)[-100:]
-        # Stay active a few seconds after the last submission: a click's "activate" and a render
-        # computed just before that click may arrive in either order.
+        # The timer never switches off: an idle page polls slowly. A page whose timer a stale reply
+        # switched off (a poll computed just before a click, arriving after it) would stop updating
+        # while the server goes on; a slow poll recovers within IDLE_POLL_S instead.
         recent = time.monotonic() - session.last_submit < 5.0
-        out[self.timer] = gr.Timer(active=unfinished or recent)
+        out[self.timer] = gr.Timer(BUSY_POLL_S if unfinished or recent else IDLE_POLL_S, active=True)
         out[self.seen] = changes.seen
         return out
 
@@ -224,7 +226,7 @@ class Shell:
             make = lambda: work.make_load_job(self.app, session, source, None, None, False)  # noqa: E731
             self.submit(session, "load", f"Load {source}", make)
         out = self.render(session, {})  # a reload restores every view, the settings included
-        out[self.timer] = gr.Timer(active=True)  # the first tick turns it off if nothing runs
+        out[self.timer] = gr.Timer(BUSY_POLL_S, active=True)  # the first tick slows it if nothing runs
         out[self.browser_id] = bid
         return self.deliver(out, request)
 
@@ -244,7 +246,7 @@ class Shell:
         except Exception:
             log.exception("rendering a poll failed; polling goes on")
             outputs = self.route(self.outputs())
-            return {**{c: gr.skip() for c in outputs}, self.timer: gr.Timer(active=True)}
+            return {**{c: gr.skip() for c in outputs}, self.timer: gr.Timer(BUSY_POLL_S, active=True)}
 
     def stop(self, request: gr.Request):
         """Stop this session's running job (between two steps) and drop its queued ones."""

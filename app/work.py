@@ -128,13 +128,17 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
                 "origin": "precomputed: " + pre["trajectory"].get("description", "").strip("()"),
             }
     with session.lock:
+        # Loading the model this session already has (a second click, or a click while the page's
+        # first visit loaded it) keeps what was made on it: its importance, plan and preview.
+        same = loaded is session.loaded and (session.model_info or {}).get("key") == source
         session.loaded = loaded
         session.model_info = info
-        session.importance = importance
-        session.trajectory = trajectory
-        session.plan = Plan()
-        session.preview = None
-    session.bump("model", "importance", "trajectory", "plan", "preview")
+        if not same:
+            session.importance = importance
+            session.trajectory = trajectory
+            session.plan = Plan()
+            session.preview = None
+    session.bump("model", *(() if same else ("importance", "trajectory", "plan", "preview")))
     jc.log(f"loaded {source}: {n} blocks, {info['params']:,} parameters on {info['device']}")
 
 

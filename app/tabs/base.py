@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fusegpt.app.ui")
 
 MAX_PENDING_PER_SESSION = 6
+BUSY_POLL_S = 1.0  # seconds between two polls of a page while its session has an unfinished job
+IDLE_POLL_S = 4.0  # ... and while it has none (the poll never stops: see Shell.render)
 
 
 class Changes:
@@ -113,7 +115,7 @@ def submit_job(app: AppContext, session: Session, kind: str, title: str, make: C
     session.last_submit = time.monotonic()
     del session.jobs[:-50]
     snap = app.runner.snapshot(job_id)
-    return views.status_text(snap, app.runner.queue_length()), gr.Timer(active=True)
+    return views.status_text(snap, app.runner.queue_length()), gr.Timer(BUSY_POLL_S, active=True)
 
 
 def safely(fn: Callable, outputs: list) -> Callable:

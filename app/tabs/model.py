@@ -55,10 +55,14 @@ class ModelTab(Tab):
         source = {SOURCE_KINDS[0]: "bundled", TEST_SOURCE: TEST_SOURCE}.get(kind, (text or "").strip())
         dev = None if device == "auto" else device
         dt = None if dtype == "auto" else dtype
+        title = f"Load {source or 'model'}"
+        if self.app.has_unfinished(session, "load", title):  # e.g. clicked while the first visit loads it
+            gr.Info(f"{source} is already being loaded.")
+            return gr.skip(), gr.skip()
         return self.submit(
             session,
             "load",
-            f"Load {source or 'model'}",
+            title,
             lambda: work.make_load_job(self.app, session, source, dev, dt, bool(trust)),
         )
 

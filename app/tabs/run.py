@@ -12,7 +12,7 @@ from fusegpt_core.errors import FuseGPTError, PlanError
 
 from .. import explain, views, work
 from ..recipes import KNOBS, RunSettings, TextChoice, preset_values
-from .base import Changes, Tab, named
+from .base import BUSY_POLL_S, Changes, Tab, named
 
 KNOB_PARAMS = [k.key.replace(".", "_") for k in KNOBS]
 
@@ -160,7 +160,7 @@ class RunTab(Tab):
         recipe = Recipe.from_file(path)
         notes = restore_into(session, recipe)
         gr.Info(f"Restored {Path(path).name}: press Run to reproduce it. " + " ".join(notes))
-        return f"✔ Restored the recipe {Path(path).name}. " + " ".join(notes), gr.Timer(active=True)
+        return f"✔ Restored the recipe {Path(path).name}. " + " ".join(notes), gr.Timer(BUSY_POLL_S, active=True)
 
     def start_run(self, preset, method, baselines, kind, pasted, upload, dataset, *knobs, request: gr.Request):
         """Run the plan with these settings (and each chosen baseline on the same blocks)."""

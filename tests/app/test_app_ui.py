@@ -1,5 +1,7 @@
 """The Blocks build, and what a page shows for a fresh and for a finished session (no server)."""
 
+import threading
+
 import gradio as gr
 import pytest
 
@@ -194,3 +196,37 @@ def test_a_poll_whose_render_fails_keeps_polling(built, monkeypatch):
     timer = out[ui.timer]
     assert getattr(timer, "active", None) is True or timer.get("active") is True
     assert all(v == gr.skip() for k, v in out.items() if k is not ui.timer)
+
+
+def test_an_idle_page_keeps_polling_slowly(built):
+    """No poll reply may switch the timer off (a stale one would freeze the page): an idle page
+    polls every IDLE_POLL_S, a busy one every BUSY_POLL_S."""
+    from app.tabs.base import BUSY_POLL_S, IDLE_POLL_S
+
+    demo, ctx = built
+    ui = demo.fusegpt_ui
+    session = ctx.sessions.get("idle-poll")
+    timer = ui.render(session, {})[ui.timer]
+    assert timer.active is True and timer.value == IDLE_POLL_S > BUSY_POLL_S
+    release = threading.Event()
+    job = ctx.runner.submit(lambda jc: release.wait(30), owner=session.key, kind="wait")
+    session.jobs.append(job)
+    timer = ui.render(session, {})[ui.timer]
+    release.set()
+    assert timer.active is True and timer.value == BUSY_POLL_S
+    ctx.runner.wait(job, timeout=30)
+
+
+def test_load_clicked_while_the_same_load_runs_is_not_queued_again(built):
+    demo, ctx = built
+    ui = demo.fusegpt_ui
+    session = ctx.sessions.get("double-load")
+    request = _request("double-load")
+    from app.state import TEST_SOURCE
+
+    first = ui.model.load_model(TEST_SOURCE, "", "auto", "auto", False, request)
+    second = ui.model.load_model(TEST_SOURCE, "", "auto", "auto", False, request)
+    loads = [j for j in ctx.runner.jobs_of(session.key) if j.kind == "load"]
+    assert "Load" in first[0] and second == (gr.skip(), gr.skip())
+    assert len(loads) == 1
+    ctx.runner.wait(loads[0].id, timeout=120)

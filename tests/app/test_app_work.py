@@ -120,3 +120,14 @@ def test_timings_for_estimates(tiny_loaded):
     assert 0 < work.time_block_forward(tiny_loaded, seq_len=16) < 5
     assert 0 < work.time_decode_token(tiny_loaded) < 5
     assert isinstance(torch.__version__, str)
+
+
+def test_loading_the_loaded_model_again_keeps_the_plan(app):
+    """A second click on Load (or one while the first visit loads the same model) must not wipe
+    what the visitor made on it."""
+    session = loaded_session(app, "reload")
+    session.plan.let_metric_choose(2)
+    session.importance = {"scores": {"mi": [0.1] * 6}}
+    snap = run_job(app, session, work.make_load_job(app, session, TEST_SOURCE, None, None, False), "load")
+    assert snap.status == DONE, snap.error
+    assert session.plan.auto and session.plan.remove == 2 and session.importance is not None
