@@ -11,6 +11,7 @@ the run touches, the weights included (they stay file-backed, mmapped from safet
     python benchmarks/bench_memory.py                          # TinyLlama width, 12 blocks, fp32, CPU
     python benchmarks/bench_memory.py --shape llama2-7b --layers 4
     python benchmarks/bench_memory.py --layers 4               # a quicker look
+    python benchmarks/bench_memory.py --offload disk --group-size 4   # blocks read from their files
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=SHAPES, default="tinyllama")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--offload", choices=("none", "cpu", "disk"), default="none")
     ap.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "fusegpt-bench"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
     args = ap.parse_args()
@@ -108,7 +110,7 @@ def main() -> None:
     text.write_text(sample_text(200_000))
     out = Path(tempfile.mkdtemp()) / "run"
     recipe = ["--remove", "2", "--preset", "tiny", "--set", f"fusion.group_size={args.group_size}", "--device", "cpu",
-              "--calib-text", str(text), "--eval-text", str(text)]  # fmt: skip
+              "--calib-text", str(text), "--eval-text", str(text), "--offload", args.offload]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     plan_file = out.parent / "plan.json"
     planned = subprocess.run([sys.executable, "-m", "fusegpt_core", "plan", "--model", str(folder), *recipe,
@@ -135,7 +137,8 @@ def main() -> None:
         if name in measured
     }
     result = {
-        "model": f"random, {args.shape} shape, {args.layers} blocks, fp32",
+        "model": f"random, {args.shape} shape, {args.layers} blocks, fp32, group {args.group_size}, offload {args.offload}",
+        "offload": args.offload,
         "command": "fuse " + " ".join(recipe),
         "weight_bytes": weight_bytes,
         # resident counts the weights, which stay in the page cache as mmapped safetensors (file-backed);

@@ -26,6 +26,7 @@ from fusegpt_core.config import preset  # noqa: E402
 from fusegpt_core.importance import score_blocks  # noqa: E402
 from fusegpt_core.loading import LoadedModel  # noqa: E402
 from fusegpt_core.memory import plan_memory  # noqa: E402
+from fusegpt_core.offload import BlockOffload  # noqa: E402
 from fusegpt_core.pipeline import run  # noqa: E402
 from fusegpt_core.testing import tiny_tokenizer  # noqa: E402
 
@@ -159,14 +160,16 @@ def main() -> None:
         out["finetune_fraction_of_matmul_peak"] = round(achieved / (out["matmul_peak_tflops"] * 1e12), 3)
     print(json.dumps({k: out[k] for k in ("round", "plan") if k in out}, default=str)[:2000], flush=True)
 
-    # the same round under a smaller budget: the plan decides first, as `fuse` does
+    # the same round under a smaller budget: the plan decides first (offload included), as `fuse` does
     if device.type == "cuda":
         budget = int(args.budget_gb * 1e9)
+        small = plan_memory(model, recipe, device, dtype, device_budget=budget, offload=None)
+        if small.offload != "none":  # the blocks go to the host (or disk); the device keeps the rest
+            BlockOffload(small.offload, device).attach(model)
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
-        small = plan_memory(model, recipe, device, dtype, device_budget=budget)
         entry = {"budget_bytes": budget, "plan_fits": small.fits, "plan_peak": small.peak_device_bytes,
-                 "advice": small.advice, "checkpoint": small.checkpoint}  # fmt: skip
+                 "advice": small.advice, "checkpoint": small.checkpoint, "offload": small.offload}  # fmt: skip
         try:
             entry["round"] = one_round(model, tokenizer, recipe, calib, evals, device)
             entry["ran"] = True

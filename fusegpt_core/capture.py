@@ -164,8 +164,10 @@ def _forward(model: nn.Module, input_ids: torch.Tensor, blocks: list[nn.Module],
     with _record_calls(blocks[:1] if stop_after_first else blocks, store, stop_after_first):
         try:
             model(input_ids=input_ids, use_cache=False)
-        except _StopForward:
-            pass
+        except _StopForward:  # block 0 never ran: an offloaded one goes back (its forward hook did not fire)
+            from .offload import block_offload
+
+            block_offload(blocks[0]).release(blocks[0])
     if not store:
         raise RuntimeError("the capture hook on block 0 never fired: the model's forward skipped its blocks")
     return store
@@ -222,8 +224,17 @@ def run_blocks(
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """Run blocks in order over all windows, a batch at a time on the device. hidden: (n, seq,
-    hidden) states on the host; returns the outputs, on the host too."""
+    hidden) states on the host; returns the outputs, on the host too. Offloaded blocks run one
+    at a time over every batch, so each is onloaded once (the same computations, in another order)."""
+    from .offload import block_offload
+
     blocks = list(blocks)
+    store = block_offload(blocks[0]) if blocks else None
+    if store is not None and store.active and len(blocks) > 1:
+        for block in blocks:
+            with store.held([block]):
+                hidden = run_blocks([block], hidden, calls, batch_size, should_stop)
+        return hidden
     out = calls.placement.empty(tuple(hidden.shape), hidden.dtype)
     for start in range(0, hidden.shape[0], batch_size):
         if should_stop is not None and should_stop():

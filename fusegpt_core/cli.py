@@ -86,7 +86,9 @@ def cmd_importance(args) -> int:
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise FuseGPTError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)} or 'all'.")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(
+        args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code, offload=args.offload
+    )
     check_seq_len(args.seq_len, loaded.model.config, "--seq-len")
     source = text_source(args.eval_text)
     # scoring text: the calibration part of a built-in corpus, or the whole user text
@@ -224,6 +226,7 @@ def cmd_fuse(args) -> int:
     if (out / "model").exists() and not args.overwrite:
         raise ExportError(f"'{out / 'model'}' already exists: choose another --out or pass --overwrite.")
     recipe = resumed_recipe(args) if args.resume is not None else build_recipe(args)
+    plan = None
     if not args.skip_memory_check:
         plan = memory_plan(recipe, args, args.device_memory)
         if plan is not None and not plan.fits:
@@ -232,8 +235,18 @@ def cmd_fuse(args) -> int:
                 "--skip-memory-check runs anyway)."
             )
     progress = _Progress(args.quiet)
+    offload = args.offload
+    if offload == "auto":  # the plan's choice: blocks on the device when they fit, else on the host, else on disk
+        offload = plan.offload if not args.skip_memory_check and plan is not None else "none"
+    if offload != "none":
+        print(f"offload: blocks on the {'host' if offload == 'cpu' else 'disk'}", file=sys.stderr)
     loaded = load_model(
-        recipe.model, device=recipe.device, dtype=recipe.dtype, trust_remote_code=args.trust_remote_code
+        recipe.model,
+        device=recipe.device,
+        dtype=recipe.dtype,
+        trust_remote_code=args.trust_remote_code,
+        offload=offload,
+        offload_folder=out / "offload" if offload == "disk" else None,
     )
     result = run(recipe, loaded, on_event=progress, checkpoint_dir=out, resume_run=args.resume is not None)
     progress._close()
@@ -244,6 +257,7 @@ def cmd_fuse(args) -> int:
     write_json(out / "report.json", result.report)
     write_json(out / "model" / "report.json", result.report)
     shutil.rmtree(out / resume.CHECKPOINT, ignore_errors=True)  # the result is written: rounds are not needed
+    shutil.rmtree(out / "offload", ignore_errors=True)  # blocks a disk-offloaded run wrote
     r = result.report
     print(
         f"{r['method']}: removed {r['removed_blocks']} ({r['num_layers_before']} -> {r['num_layers_after']} blocks); "
@@ -278,7 +292,16 @@ def memory_plan(recipe, args, device_memory: str | None = None, load_if_needed: 
 
         skeleton = load_model(recipe.model, device="cpu", trust_remote_code=args.trust_remote_code).model
     recipe.validate(num_blocks=num_blocks(skeleton))
-    return plan_memory(skeleton, recipe, device, dtype, device_budget=budget, host_budget=host)
+    offload = getattr(args, "offload", "auto")
+    return plan_memory(
+        skeleton,
+        recipe,
+        device,
+        dtype,
+        device_budget=budget,
+        host_budget=host,
+        offload=None if offload == "auto" else offload,
+    )
 
 
 def cmd_plan(args) -> int:
@@ -301,9 +324,16 @@ def cmd_plan(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import load_texts, token_windows
     from .evaluate import perplexity
-    from .loading import load_model
+    from .loading import load_model, parse_max_memory
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        device_map=json.loads(args.device_map) if (args.device_map or "").startswith("{") else args.device_map,
+        max_memory=parse_max_memory(args.max_memory),
+    )
     check_seq_len(args.seq_len, loaded.model.config, "--seq-len")
     source = text_source(args.eval_text)
     _, text = load_texts(source, source, seed=args.seed)
@@ -336,6 +366,9 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device-memory", default=None, metavar="SIZE",
                    help="memory of the compute device to plan for, e.g. 24GiB (default: what is free now)")  # fmt: skip
+    p.add_argument("--offload", choices=("auto", "none", "cpu", "disk"), default="auto",
+                   help="where the blocks live between uses: on the device (none), host RAM (cpu) or their "
+                        "safetensors files (disk); auto: the first that fits the memory plan")  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -352,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offload", choices=("none", "cpu", "disk"), default="none",
+                   help="keep the blocks in host RAM or their files and stream them to the device")  # fmt: skip
     _common(p)
     p.set_defaults(func=cmd_importance)
 
@@ -381,6 +416,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device-map", default=None,
+                   help="spread the model over several GPUs (and the host) with accelerate: auto, balanced, or a "
+                        "JSON map of module -> device")  # fmt: skip
+    p.add_argument(
+        "--max-memory", default=None, metavar="DEV=SIZE,...", help="with --device-map, e.g. 0=20GiB,cpu=64GiB"
+    )
     _common(p)
     p.set_defaults(func=cmd_evaluate)
     return ap

