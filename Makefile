@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench
+.PHONY: install run test lint format bench space
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,3 +32,6 @@ format:
 bench: install
 	$(PY) benchmarks/bench_mi_cache.py
 	$(PY) benchmarks/bench_fusion.py
+
+space: install
+	$(PY) scripts/build_space.py out/space

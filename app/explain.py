@@ -42,7 +42,7 @@ TRAJECTORY = """
 **Importance moves.** In the paper's *iterative* mode, after each fusion the remaining blocks are
 scored again. Each row is one step (✕ = the block removed at that step; blank = already gone).
 Neighbours of a removed block often become *more* important, because they now carry its work.
-Until you run a plan, this shows the bundled model re-scored after each plain removal.
+Until you run a plan, this shows a precomputed FuseGPT run on the bundled model (its recipe is in the title).
 """
 
 PLAN = """

@@ -54,6 +54,7 @@ def model_info_table(info: dict[str, Any]) -> pd.DataFrame:
     """Two columns, one row per fact about a loaded model."""
     rows = [
         ("source", info.get("source", "?")),
+        *([("loaded from", info["origin"])] if info.get("origin") else []),
         ("architecture", info.get("model_type", "?")),
         ("blocks", info.get("blocks", "?")),
         ("parameters", fmt_params(info.get("params"))),

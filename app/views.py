@@ -83,8 +83,9 @@ def importance_origin(session: Session) -> str:
         s = imp.get("settings", {})
         return (
             f"Showing **precomputed** scores for the bundled model ({s.get('calib_source', 'bundled')} text, "
-            f"{s.get('n_score', '?')} x {s.get('seq_len', '?')} tokens). Press **Compute importance** to score "
-            "on other text or settings."
+            f"{s.get('n_score', '?')} x {s.get('seq_len', '?')} tokens"
+            + (f"; {imp['caveat']}" if imp.get("caveat") else "")
+            + "). Press **Compute importance** to score on other text or settings."
         )
     return f"Scores {imp['origin']}."
 
@@ -312,6 +313,49 @@ def generations_html(gens: list[dict[str, Any]] | None, prompt: str = "") -> str
         )
     head = f"<div class='gen-prompt'>Prompt: {html.escape(prompt)}</div>" if prompt else ""
     return f"{head}<div class='gen-grid'>{''.join(cards)}</div>"
+
+
+def classroom_views(pre: dict[str, Any] | None) -> tuple[str, pd.DataFrame, str]:
+    """The precomputed example on the bundled model (assets/make_precomputed.py): a caption naming
+    what made it, the results table (perplexity, blocks), and the models' answers to a few prompts."""
+    room = (pre or {}).get("classroom")
+    if not room:
+        return "", pd.DataFrame(), ""
+    recipe = room.get("recipe") or {}
+    removed = (pre.get("trajectory") or {}).get("removed") or []
+    d, f = recipe.get("data", {}), recipe.get("fusion", {})
+    caption = (
+        f"**Precomputed** on the bundled model (not this session's runs): {room['method']} with the "
+        f"`{room.get('preset', '?')}` preset removed blocks {removed} (iterative {recipe.get('metric', 'mi')}, "
+        f"groups of {f.get('group_size', '?')}, {d.get('n_calib', '?')} calibration windows of "
+        f"{d.get('seq_len', '?')} tokens); the baselines healed the same blocks. Regenerate with "
+        "`python assets/make_precomputed.py`."
+    )
+    table = pd.DataFrame(
+        [{"model": r["model"], "blocks": r["blocks"], "perplexity": round(float(r["ppl"]), 3)} for r in room["results"]]
+    )
+    parts = []
+    for g in room.get("generations", []):
+        cards = "".join(
+            f"<div class='gen-card'><div class='gen-title'>{html.escape(a['model'])}</div>"
+            f"<div class='gen-text'>{html.escape(a['text']) or '<i>(empty)</i>'}</div></div>"
+            for a in g["answers"]
+        )
+        parts.append(
+            f"<div class='gen-prompt'>Prompt: {html.escape(g['prompt'])}</div><div class='gen-grid'>{cards}</div>"
+        )
+    return caption, table, "".join(parts)
+
+
+def classroom_losses(pre: dict[str, Any] | None):
+    """The precomputed run's fine-tuning loss, one curve per round (None without one)."""
+    rounds = ((pre or {}).get("example_run") or {}).get("rounds") or []
+    series = {
+        f"round {r['round'] + 1}: block {r['removed']}": list(enumerate(r["losses"], start=1))
+        for r in rounds
+        if r.get("losses")
+    }
+    return plots.loss_curves(series, "Group fine-tuning loss of each round (precomputed)") if series else None
 
 
 def run_choices(session: Session) -> list[tuple[str, int]]:

@@ -103,7 +103,9 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
     n = num_blocks(loaded.model)
     info = {
         "source": loaded.source,
+        "origin": loaded.origin,
         "key": source,
+        "load_key": list(_model_key(source, device, dtype, trust)),
         "model_type": loaded.model_type,
         "blocks": n,
         "params": loaded.num_params,
@@ -121,6 +123,8 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
     pre = app.precomputed
     if pre and source == "bundled" and pre.get("num_blocks") == n:
         importance = precomputed_importance(pre)
+        if loaded.kind != "bundled":  # the Hub's original (a Space), not the GGUF the scores were made on
+            importance["caveat"] = "made on the Q4_1 GGUF version of this model, not on the Hub weights loaded now"
         if pre.get("trajectory"):
             trajectory = {
                 "rows": pre["trajectory"]["rows"],
@@ -155,6 +159,12 @@ def precomputed_importance(pre: dict[str, Any]) -> dict[str, Any]:
 
 def _model_key(source: str, device, dtype, trust: bool) -> tuple:
     return (source, device or "auto", dtype or "auto", bool(trust))
+
+
+def is_loaded(session: Session, source: str, device, dtype, trust: bool) -> bool:
+    """Whether the session already has this model, loaded with these settings."""
+    info = session.model_info or {}
+    return session.loaded is not None and info.get("load_key") == list(_model_key(source, device, dtype, trust))
 
 
 def make_warmup_job(app: AppContext, source: str = "bundled") -> Job:
@@ -380,7 +390,9 @@ def do_run(
     windows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> int:
     """Run one recipe; returns the new run's id. The session's base model is never edited."""
-    from fusegpt_core.pipeline import run
+    from fusegpt_core.pipeline import RunResult, run
+
+    from . import gpu
 
     recipe = copy.deepcopy(recipe)
     if recipe.blocks is None and batch_id is not None and batch_id in session.batch_blocks:
@@ -400,7 +412,16 @@ def do_run(
     if windows is None:
         jc.stage("data", "preparing calibration and evaluation windows")
         windows = run_windows(app, loaded.tokenizer, recipe)
-    result = run(recipe, loaded=loaded, on_event=progress, should_stop=jc.should_stop, windows=windows)
+    if gpu.mode() != "off":  # a ZeroGPU Space: one GPU call per round (app/gpu.py)
+        folder = session.workdir / "gpu-runs" / f"run-{time.time_ns()}"
+        per_round = progress.estimate["total"] / max(progress.count, 1) if progress.estimate else None
+        key = f"{info.get('key', 'model')}-{id(loaded)}"
+        model, tokenizer, report = gpu.run_in_calls(
+            key, loaded, recipe, windows, folder, progress, jc.should_stop, per_round
+        )
+        result = RunResult(report=report, model=model, tokenizer=tokenizer)
+    else:
+        result = run(recipe, loaded=loaded, on_event=progress, should_stop=jc.should_stop, windows=windows)
     report = result.report
     if batch_id is not None and report.get("removed_blocks"):
         session.batch_blocks.setdefault(batch_id, list(report["removed_blocks"]))

@@ -1,12 +1,14 @@
-"""Regenerate assets/precomputed_importance.json: the bundled model's scores, shown instantly in the app.
+"""Regenerate assets/precomputed_importance.json: the bundled model's scores and a real FuseGPT run on it,
+shown instantly in the app (the classroom's first view).
 
-    python assets/make_precomputed.py                 # scores + the MI trajectory of a cpu-demo run
+    python assets/make_precomputed.py                  # scores + a FuseGPT run (quick preset, 6 blocks) + baselines
     python assets/make_precomputed.py --no-trajectory  # scores only (about 2 minutes on 2 CPU cores)
 
 The scores use the Importance tab's default settings (bundled text, 4 windows x 128 tokens, seed 0).
-The trajectory comes from an iterative run with the 'cpu-demo' preset removing 6 blocks. The
-shipped file uses `--method drop` (re-scoring after each plain removal: minutes on 2 CPU cores);
-`--method fusegpt --device cuda` records a real fusion trajectory (about an hour on 2 CPU cores).
+The run is iterative MI + fusion with the 'quick' preset removing 6 of 30 blocks (about 10 minutes on 2
+CPU cores); drop + LoRA then heals the same blocks, and every model (original, plain dropping, both
+runs) answers the first example prompts greedily. The file embeds the run's recipe, its MI trajectory,
+per-round losses and the results, so the app can say exactly what made them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from fusegpt_core.config import preset  # noqa: E402
 from fusegpt_core.data import load_texts, token_windows  # noqa: E402
+from fusegpt_core.evaluate import drop_blocks, generate  # noqa: E402
 from fusegpt_core.importance import rank_agreement, score_blocks  # noqa: E402
 from fusegpt_core.loading import load_model  # noqa: E402
 from fusegpt_core.pipeline import run  # noqa: E402
@@ -43,6 +46,9 @@ def main() -> None:
         help="override a recipe field of the trajectory run, e.g. distill.lr_coef=0.01",
     )
     ap.add_argument("--device", default="cpu", help="device of the trajectory run (cpu, cuda, auto)")
+    ap.add_argument("--preset", default="quick", help="preset of the runs (quick: minutes on 2 CPU cores)")
+    ap.add_argument("--baselines", default="drop+lora", help="comma list of methods run on the same blocks")
+    ap.add_argument("--prompts", type=int, default=3, help="example prompts every model answers")
     ap.add_argument("--keep-scores", action="store_true", help="reuse the scores already in --out")
     args = ap.parse_args()
 
@@ -62,7 +68,7 @@ def main() -> None:
             overrides[key] = json.loads(value)
         if args.device != "cpu":
             loaded = load_model("bundled", device=args.device)
-        recipe = preset("cpu-demo", remove=args.remove, method=args.method, device=args.device, **overrides)
+        recipe = preset(args.preset, remove=args.remove, method=args.method, device=args.device, **overrides)
 
         def on_event(ev) -> None:
             if ev.kind in ("stage", "round") or (ev.kind == "log"):
@@ -71,27 +77,45 @@ def main() -> None:
         result = run(recipe, loaded=loaded, on_event=on_event)
         rep = result.report
         out["trajectory"] = {
-            "description": (
-                "(iterative MI with plain dropping)"
-                if rep["method"] == "drop"
-                else f"({rep['method']} run, cpu-demo preset, {len(rep['removed_blocks'])} blocks)"
-            ),
+            "description": f"({rep['method']} run, {args.preset} preset, {len(rep['removed_blocks'])} blocks)",
+            "method": rep["method"],
+            "recipe": rep["recipe"],
             "rows": rep["trajectory"],
             "removed": rep["removed_blocks"],
             "status": rep["status"],
         }
-        out["example_run"] = {
-            k: rep.get(k)
-            for k in (
-                "method", "status", "dense_ppl", "dropped_ppl", "result_ppl", "removed_blocks", "num_layers_before",
-                "num_layers_after", "params_before", "params_after", "tokens_per_s_before", "tokens_per_s_after",
-                "rounds", "seconds", "recipe",
+        out["example_run"] = {k: rep.get(k) for k in RUN_KEYS}
+        models = [("original", loaded.model, loaded.tokenizer), (rep["method"], result.model, result.tokenizer)]
+        results = [
+            {"model": "original", "ppl": rep["dense_ppl"], "blocks": rep["num_layers_before"]},
+            {"model": f"dropped {rep['removed_blocks']}", "ppl": rep["dropped_ppl"], "blocks": rep["num_layers_after"]},
+            {"model": rep["method"], "ppl": rep["result_ppl"], "blocks": rep["num_layers_after"]},
+        ]
+        for method in [m for m in args.baselines.split(",") if m]:
+            same = preset(args.preset, blocks=rep["removed_blocks"], method=method, device=args.device, **overrides)
+            other = run(same, loaded=loaded, on_event=on_event)
+            results.append(
+                {"model": method, "ppl": other.report["result_ppl"], "blocks": other.report["num_layers_after"]}
             )
-        }  # fmt: skip
-        for r in out["example_run"]["rounds"] or []:
-            r.pop("losses", None)
+            out.setdefault("baseline_runs", {})[method] = {k: other.report.get(k) for k in RUN_KEYS}
+            models.append((method, other.model, other.tokenizer))
+        dropped = drop_blocks(loaded.model, rep["removed_blocks"])
+        models.insert(1, (f"dropped {rep['removed_blocks']}", dropped, loaded.tokenizer))
+        prompts = json.loads((HERE / "prompts.json").read_text(encoding="utf-8"))[: args.prompts]
+        generations = [
+            {"title": p["title"], "prompt": p["prompt"],
+             "answers": [{"model": label, "text": generate(m, tok, p["prompt"], max_new_tokens=48)}
+                         for label, m, tok in models]}
+            for p in prompts
+        ]  # fmt: skip
+        out["classroom"] = {"results": results, "generations": generations, "recipe": rep["recipe"],
+                            "method": rep["method"], "preset": args.preset}  # fmt: skip
         _write(args.out, out)
         print(f"trajectory written ({rep['status']}); total {time.perf_counter() - start:.0f} s", flush=True)
+
+
+RUN_KEYS = ("method", "status", "dense_ppl", "dropped_ppl", "result_ppl", "removed_blocks", "num_layers_before",
+            "num_layers_after", "params_before", "params_after", "rounds", "seconds", "recipe")  # fmt: skip
 
 
 def compute_scores(loaded, start: float) -> dict:

@@ -27,6 +27,8 @@ from fusegpt_core.errors import DataError, FuseGPTError
 BUNDLED = "bundled"  # the gensim English Wikipedia excerpt (pydoc topics when gensim is missing)
 PYDOC = "pydoc"  # Python's help topics, always available
 GENSIM_WIKI = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+# where a folder without gensim (a Space: scripts/build_space.py) keeps a copy of the same excerpt
+SHIPPED_CORPUS = "assets/corpus/enwiki-excerpt.xml.bz2"
 CORPUS_CACHE_NAME = "bundled-wiki-corpus.json"
 CORPUS_FORMAT = 1  # bump when the markup stripping changes, so old caches are rebuilt
 MIN_ARTICLE_WORDS = 50  # shorter articles (stubs, lists of links) are dropped
@@ -198,7 +200,11 @@ def _has_prose_after(lines: list[str], i: int) -> bool:
 
 
 def gensim_wiki_path() -> Path | None:
-    """The Wikipedia excerpt in gensim's test data, located without importing gensim (slow, heavy deps)."""
+    """The Wikipedia excerpt in gensim's test data, located without importing gensim (slow, heavy deps),
+    or the copy a Space folder ships next to the code."""
+    shipped = Path(__file__).resolve().parents[1] / SHIPPED_CORPUS
+    if shipped.is_file():
+        return shipped
     spec = importlib.util.find_spec("gensim")
     if spec is None:
         return None

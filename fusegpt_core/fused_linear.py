@@ -31,10 +31,14 @@ def donor_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 class FusedLinear(nn.Module):
     """Wraps `base_layer` (kept as is, frozen); trainable parts are fp32 parameters."""
 
-    def __init__(self, base_layer: nn.Module, lora_rank: int = 0, conv1d: bool = False, generator=None):
+    def __init__(
+        self, base_layer: nn.Module, lora_rank: int = 0, conv1d: bool = False, generator=None, keep_fold: bool = True
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.conv1d = conv1d
+        # keep the CPU fold (see folded_weight); off where memory is what counts (offloaded blocks)
+        self.keep_fold = keep_fold
         for p in base_layer.parameters():
             p.requires_grad_(False)
         rows, cols = base_layer.weight.shape  # (out, in) for nn.Linear, (in, out) for Conv1D
@@ -149,7 +153,8 @@ class FusedLinear(nn.Module):
         about as much as a small batch's matmuls, scoring and teacher passes run frozen layers many
         times, and a training step needs W_eff twice (forward and backward). The terms that train
         (their parameters require grad) are added to that kept part at each call. On GPUs the
-        rebuild is cheap and memory is the scarce resource: nothing is kept."""
+        rebuild is cheap and memory is the scarce resource: nothing is kept. With keep_fold off (offloaded
+        blocks) the CPU computes the same sums and keeps nothing either."""
         base = self.base_layer.weight
         if base.device.type != "cpu":
             self._frozen_cache = None
@@ -177,6 +182,10 @@ class FusedLinear(nn.Module):
         """compute()'s (weight, bias) without a graph, computed again only when a tensor it depends on
         changed (an optimiser step or a load bumps a parameter's version; moving the module changes
         its storage) or `tag` (which parts train) did."""
+        if not self.keep_fold:  # the same sums, nothing kept
+            self._frozen_cache = None
+            with torch.no_grad():
+                return compute()
         key = (tag, self.num_absorbed, tuple((t.data_ptr(), t._version) for t in depends_on))
         if self._frozen_cache is None or self._frozen_cache[0] != key:
             self._frozen_cache = None  # the old fold goes before the new one is built

@@ -72,6 +72,7 @@ def inject(
     lora_rank: int,
     fuse_bias: bool = True,
     generator: torch.Generator | None = None,
+    keep_fold: bool = True,
 ) -> list[FusedLinear]:
     """Absorb every linear of block `removed` into the same linear of each target block.
 
@@ -90,7 +91,9 @@ def inject(
         for name in adapter.linears:
             layer = get_module(block, name)
             if not isinstance(layer, FusedLinear):
-                layer = FusedLinear(layer, lora_rank=lora_rank, conv1d=adapter.conv1d, generator=generator)
+                layer = FusedLinear(
+                    layer, lora_rank=lora_rank, conv1d=adapter.conv1d, generator=generator, keep_fold=keep_fold
+                )
                 set_module(block, name, layer)
             weight, bias = donor[name]
             layer.absorb_weights(weight, bias, coef_rank=coef_rank, fuse_bias=fuse_bias, generator=generator)
@@ -204,6 +207,7 @@ def fuse_round(
     generator: torch.Generator,
     seed: int,
     checkpoint: bool = False,
+    keep_fold: bool = True,
     on_step: Callable[[int, int, float], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -212,14 +216,15 @@ def fuse_round(
 
     group_in: (n, seq, hidden) calibration states at the input of the group's first block;
     teacher: the group's output on them, block p still in. `fusion`, `distill`: the recipe's
-    FusionConfig and DistillConfig; `checkpoint`: per-block gradient checkpointing. On TrainingDiverged, Cancelled or KeyboardInterrupt the group
+    FusionConfig and DistillConfig; `checkpoint`: per-block gradient checkpointing; `keep_fold`: new
+    fused layers keep their CPU fold (FusedLinear.folded_weight; off for offloaded blocks). On TrainingDiverged, Cancelled or KeyboardInterrupt the group
     is put back as it was before the round, and the error raised again."""
     lo, hi = group_span(p, targets)
     before = _GroupFork(model, lo, hi)
     try:
         # 1. surgery: inject block p into its targets (the new terms are zero), then delete it
         if method == "fusegpt":
-            inject(model, p, targets, fusion.coef_rank, fusion.lora_rank, fusion.fuse_bias, generator)
+            inject(model, p, targets, fusion.coef_rank, fusion.lora_rank, fusion.fuse_bias, generator, keep_fold)
         remove_blocks(model, [p])
         new_targets = [t - 1 if t > p else t for t in targets]
         student = list(get_blocks(model))[lo:hi]

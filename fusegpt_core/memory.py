@@ -173,8 +173,10 @@ def _plan(model, recipe, device, dtype, device_budget, host_budget, offload: str
     transient = BACKWARD_TRANSIENTS * largest * 4
     fused_donor = block_linear_bytes if k > 1 else 0  # a removed block that had absorbed one: built once
     fused_blocks = min(s.blocks - k, targets * k) if recipe.method == "fusegpt" else 0
-    # CPU keeps each fused layer's folded weight (fp32) for speed; a GPU rebuilds it per call
-    folded_cache = fused_blocks * s.linear_params * 4 if cpu else 0
+    # CPU keeps each fused layer's folded weight (fp32) for speed; a GPU rebuilds it per call, and so
+    # does the CPU for offloaded blocks (FusedLinear.keep_fold off)
+    folded_cache = fused_blocks * s.linear_params * 4 if cpu and offload == "none" else 0
+    largest_fp32 = max(r * c for r, c in s.linears) * 4  # one layer's W_eff built for a call
     changed = min(s.blocks - k, targets * k) * block_linear_bytes if trains else 0
 
     # where the weights are: all on the device ('none'), or what is outside the blocks plus the
@@ -197,9 +199,7 @@ def _plan(model, recipe, device, dtype, device_budget, host_budget, offload: str
             "activations": acts_ckpt if checkpoint else acts_full,
             "backward transients": transient,
             "fused donor's weights": fused_donor if recipe.method == "fusegpt" else 0,
-            "folded weights (CPU)": folded_cache
-            if offload == "none"
-            else min(folded_cache, group_blocks * s.linear_params * 4),
+            "folded weights (CPU)": folded_cache,
             "a batch of states": 2 * tokens * s.hidden * b,
         }
 
@@ -220,8 +220,8 @@ def _plan(model, recipe, device, dtype, device_budget, host_budget, offload: str
     if recipe.blocks is None:  # the last round scores a model whose earlier rounds' layers are folded (CPU)
         earlier = min(s.blocks - k, targets * (k - 1)) * s.linear_params * 4 if cpu and k > 1 and fused_blocks else 0
         variants = 0
-        if offload != "none":  # only the block in use is folded (on the device) at a time
-            earlier = min(earlier, s.linear_params * 4)
+        if offload != "none":  # offloaded fused layers build W_eff per call, one at a time
+            earlier = largest_fp32 if earlier else 0
             # blocks stream once per batch: every skip variant of the batch is alive at once
             variants = s.blocks * forward_batch * d.seq_len * s.hidden * b
         stages.append(("score", {**placed(1), "skip variants": variants,
@@ -229,7 +229,7 @@ def _plan(model, recipe, device, dtype, device_budget, host_budget, offload: str
                                  "activations": forward_acts, "folded weights (CPU)": earlier}, host_blocks))  # fmt: skip
     if trains:
         stages.append(("finetune", train_device(checkpoint), host_train))
-    fold_cache = folded_cache if offload == "none" else min(folded_cache, s.linear_params * 4)
+    fold_cache = folded_cache if offload == "none" else (largest_fp32 if fused_blocks else 0)
     stages.append(("fold", {**placed(1), **changed_device, "folded weights (CPU)": fold_cache},
                    {**host_blocks, **changed_host}))  # fmt: skip
     stages.append(("evaluate result", {**placed(1), **changed_device, "logits": logits},

@@ -193,6 +193,9 @@ class BlockOffload:
         """Put device copies of the block's stored tensors in its slots (shared ones loaded once)."""
         if not self.active or id(block) in self._resident:
             return
+        for module in block.modules():  # an offloaded fused layer keeps no fp32 fold between calls
+            if getattr(module, "keep_fold", None) is True:
+                module.keep_fold = False
         record = []
         for table, name, t in _slots(block):
             key = self._key_of.get(_ident(t))

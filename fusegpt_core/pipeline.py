@@ -520,6 +520,7 @@ def _heal(
             generator=generator,
             seed=recipe.data.seed + r,
             checkpoint=bool(recipe.distill.checkpoint),
+            keep_fold=not store.active,  # offloaded: memory first, no fp32 fold kept per fused layer
             on_step=lambda s, t, loss: ctx.emit(
                 "loss", f"round {label} step {s}/{t}", s, t, round=r, loss=loss, removed=removed
             ),

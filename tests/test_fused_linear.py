@@ -222,3 +222,23 @@ def test_backward_keeps_no_tensor_as_large_as_the_weight():
     assert saved and max(saved) < weight_size / 4, saved
     out.float().pow(2).sum().backward()
     assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in fused.coef_C)  # D's are 0: C starts at 0
+
+
+def test_without_keeping_the_fold_the_same_sums_give_the_same_bits():
+    """keep_fold off (offloaded blocks): nothing kept between calls, outputs bit for bit the kept ones."""
+    layers = []
+    for keep in (True, False):
+        torch.manual_seed(0)
+        fused = FusedLinear(_linear(False, 0), lora_rank=2, keep_fold=keep)
+        fused.absorb(_linear(False, 1), coef_rank=2)
+        fused.settle()
+        fused.absorb(_linear(False, 2), coef_rank=2)
+        _perturb_all_but_the_base(fused)
+        new, _, lora = fused.trainable_parameters()
+        for p in new + lora:  # the settled term stays frozen: the kept fold covers it
+            p.requires_grad_(True)
+        layers.append(fused)
+    x = torch.randn(2, 3, 8)
+    kept, fresh = (layer(x) for layer in layers)
+    assert torch.equal(kept, fresh)
+    assert layers[0]._frozen_cache is not None and layers[1]._frozen_cache is None

@@ -28,6 +28,15 @@ class CompareTab(Tab):
             self.seed = gr.Number(0, label="Seed", precision=0)
         self.gen_btn = gr.Button("Generate with every model", variant="primary", elem_id="generate-btn")
         self.generations = gr.HTML(views.generations_html(None), elem_id="generations")
+        caption, table, answers = views.classroom_views(self.app.precomputed)
+        if caption:  # a real FuseGPT run on the bundled model, shipped in assets/: there before any run here
+            with gr.Accordion("A precomputed example: fusion, plain dropping and drop + LoRA", open=True):
+                gr.Markdown(caption, elem_id="classroom-caption")
+                gr.Dataframe(table, interactive=False, elem_id="classroom-table")
+                losses = views.classroom_losses(self.app.precomputed)
+                if losses is not None:
+                    gr.Plot(losses, label="Fine-tuning loss (precomputed)", elem_id="classroom-losses")
+                gr.HTML(answers, elem_id="classroom-generations")
 
     def wire(self) -> None:
         self.example.input(self.pick_example, self.example, self.prompt, api_visibility="private")

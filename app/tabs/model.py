@@ -59,6 +59,8 @@ class ModelTab(Tab):
         if self.app.has_unfinished(session, "load", title):  # e.g. clicked while the first visit loads it
             gr.Info(f"{source} is already being loaded.")
             return gr.skip(), gr.skip()
+        if work.is_loaded(session, source, dev, dt, bool(trust)):  # nothing to do: keep what was made on it
+            return f"✔ **{title}** finished: it was already loaded.", gr.skip()
         return self.submit(
             session,
             "load",

@@ -76,6 +76,7 @@ def _open_and_load(page, url: str) -> None:
     """Open the app and load the test model (the bundled one with FUSEGPT_E2E_BUNDLED=1)."""
     page.goto(url)
     page.wait_for_selector("#load-btn", timeout=60_000)
+    _wait_done(page, "Load")  # the first visit's own load of the default model
     if not BUNDLED:
         page.get_by_test_id("tiny (test model)-radio-label").click()
     page.click("#load-btn")

@@ -230,3 +230,8 @@ def test_load_clicked_while_the_same_load_runs_is_not_queued_again(built):
     assert "Load" in first[0] and second == (gr.skip(), gr.skip())
     assert len(loads) == 1
     ctx.runner.wait(loads[0].id, timeout=120)
+    third = ui.model.load_model(TEST_SOURCE, "", "auto", "auto", False, request)  # loaded already: no job
+    assert "already loaded" in third[0] and len([j for j in ctx.runner.jobs_of(session.key) if j.kind == "load"]) == 1
+    other = ui.model.load_model(TEST_SOURCE, "", "cpu", "float32", False, request)  # other settings: a load
+    assert len([j for j in ctx.runner.jobs_of(session.key) if j.kind == "load"]) == 2 and "✖" not in other[0]
+    ctx.runner.wait(ctx.runner.jobs_of(session.key)[-1].id, timeout=120)

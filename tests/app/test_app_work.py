@@ -131,3 +131,19 @@ def test_loading_the_loaded_model_again_keeps_the_plan(app):
     snap = run_job(app, session, work.make_load_job(app, session, TEST_SOURCE, None, None, False), "load")
     assert snap.status == DONE, snap.error
     assert session.plan.auto and session.plan.remove == 2 and session.importance is not None
+
+
+def test_a_run_through_forked_gpu_calls_gives_the_in_process_result(app, monkeypatch):
+    """ZeroGPU's way (app/gpu.py): one forked, pickled call per round, continuing from the round
+    checkpoint, then one that folds, evaluates and exports; the same report as a run in-process."""
+    session = loaded_session(app, "gpu-fork")
+    recipe = preset("tiny", remove=2, **{"data.calib_source": TEXT, "data.eval_source": TEXT})
+    snap = run_job(app, session, work.make_run_job(app, session, recipe), kind="run")
+    assert snap.status == DONE, snap.error
+    monkeypatch.setenv("FUSEGPT_GPU", "fork")
+    snap = run_job(app, session, work.make_run_job(app, session, recipe), kind="run")
+    assert snap.status == DONE, snap.error
+    plain, forked = session.runs[-2].report, session.runs[-1].report
+    for key in ("dense_ppl", "dropped_ppl", "result_ppl", "removed_blocks", "num_layers_after"):
+        assert forked[key] == plain[key], key
+    assert len(snap.live["rounds"]) == 2 and snap.live["losses"]  # the calls' events reached the live view
