@@ -83,6 +83,8 @@ class BlockOffload:
         self._resident: dict[int, list] = {}  # id(block) -> [(table, name, placeholder, key)]
         self._held: Counter = Counter()  # id(block) -> how many `held` contexts hold it
         self._files = 0
+        if self.active:
+            return_freed_memory()
         self.moved: Counter = Counter()  # bytes "to device" and "to disk"
         self.peak_resident_bytes = 0
 
@@ -282,6 +284,27 @@ class BlockOffload:
         self._loaded_key.clear()
         if self._own_folder and self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def return_freed_memory() -> bool:
+    """Have glibc give freed buffers of 1 MiB and more back to the system at once (Linux only).
+
+    Left alone, glibc raises its mmap threshold up to 32 MiB after big frees, and the per-call
+    buffers of offloaded blocks (a fused layer's W_eff, a block's activations) are then carved from a
+    heap that does not shrink: the process keeps their memory after freeing it. Offloading trades
+    speed for memory, so it asks for this; returns whether it could."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 NO_OFFLOAD = BlockOffload("none", "cpu")
