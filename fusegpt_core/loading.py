@@ -475,6 +475,15 @@ def _load_config(kind: str, location: str, trust_remote_code: bool, local_only: 
         ) from e
 
 
+def _make_ready(model, tokenizer) -> None:
+    """Eval mode, frozen parameters, a pad token for batching (also in the generation config)."""
+    model.eval()
+    model.requires_grad_(False)
+    _finish_tokenizer(tokenizer)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def _finish_tokenizer(tokenizer) -> None:
     """Make batching work: a pad token (eos, else unk, else token 0). padding_side stays the tokenizer's own."""
     if tokenizer.pad_token is None:
@@ -681,19 +690,19 @@ def _offload_blocks(model, mode: str, device: torch.device, folder) -> None:
 
     store = BlockOffload(mode, device, folder)
     store.attach(model)
-    blocks = set(map(id, get_blocks(model)))
-    _move_outside_blocks(model, blocks, device)
+    _move_real_tensors(model, device, skip=set(map(id, get_blocks(model))))
 
 
-def _move_outside_blocks(model, block_ids: set[int], device: torch.device) -> None:
-    """Every module that is not inside a block to `device` (embeddings, final norm, LM head, rotary)."""
+def _move_real_tensors(model, device: torch.device, skip: set[int] = frozenset()) -> None:
+    """Every tensor of `model` that holds data (not an offloaded block's meta placeholder) to `device`,
+    except inside the modules in `skip` (ids): embeddings, final norm, LM head, rotary tables."""
 
     def visit(module) -> None:
-        if id(module) in block_ids:
+        if id(module) in skip:
             return
         for table in (module._parameters, module._buffers):
             for name, t in list(table.items()):
-                if t is not None and t.device != device:
+                if t is not None and not t.is_meta and t.device != device:
                     table[name] = (
                         nn.Parameter(t.to(device), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(device)
                     )
@@ -701,12 +710,6 @@ def _move_outside_blocks(model, block_ids: set[int], device: torch.device) -> No
             visit(child)
 
     visit(model)
-
-
-def _is_lazy(model) -> bool:
-    from .offload import offload_of
-
-    return offload_of(model).active
 
 
 def _hub_snapshot(repo_id: str, local_only: bool) -> Path:
@@ -779,12 +782,7 @@ def _load_lazy(folder: Path, dtype: torch.dtype, device: torch.device, offload_f
             module._buffers[attr] = value
     if tied:
         model.tie_weights()
-    _move_outside_blocks(model, set(map(id, blocks)), device)
-    for block in blocks:  # a block's own buffers (not in the files: computed at init) go to the device too
-        for sub in block.modules():
-            for name, b in list(sub._buffers.items()):
-                if b is not None and not b.is_meta:
-                    sub._buffers[name] = b.to(device)
+    _move_real_tensors(model, device)  # blocks' own buffers too (computed at init, not in the files)
     try:
         model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     except OSError:
@@ -831,11 +829,7 @@ def _load_dispatched(source, dtype, trust_remote_code, device_map, max_memory, o
         raise ModelLoadError(f"Could not place '{source}' with device map {device_map!r} ({_first_line(e)}).") from e
     except Exception as e:
         raise ModelLoadError(f"Could not load '{source}' ({_first_line(e)}).") from e
-    model.eval()
-    model.requires_grad_(False)
-    _finish_tokenizer(tokenizer)
-    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    _make_ready(model, tokenizer)
     return LoadedModel(model, tokenizer, str(source), kind, time.perf_counter() - start)
 
 
@@ -881,6 +875,8 @@ def load_model(
         if offload != "none":
             raise ModelLoadError("Choose either a device map (several devices, through accelerate) or offload.")
         return _load_dispatched(source, dtype, trust_remote_code, device_map, max_memory, offload_folder)
+    from .offload import offload_of
+
     start = time.perf_counter()
     target_device = pick_device(device)
     target_dtype = pick_dtype(dtype, target_device)
@@ -921,7 +917,7 @@ def load_model(
             model, tokenizer = _load_pretrained(location, target_dtype, trust_remote_code, local_only)
 
     _check_architecture(model.config)
-    if offload == "disk" and not _is_lazy(model):  # no safetensors to read from: write the blocks out
+    if offload == "disk" and not offload_of(model).active:  # no safetensors to read from: write the blocks out
         model = model.to(dtype=target_dtype)
         _offload_blocks(model, "disk", target_device, offload_folder)
     elif offload == "cpu":
@@ -936,11 +932,7 @@ def load_model(
                 "smaller model, a 16-bit dtype, the cpu, or offload its blocks (--offload cpu|disk)."
             ) from e
     model.config.dtype = target_dtype  # .to() leaves the config saying what the file held
-    model.eval()
-    model.requires_grad_(False)
-    _finish_tokenizer(tokenizer)
-    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    _make_ready(model, tokenizer)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

@@ -85,7 +85,6 @@ class BlockOffload:
         self._files = 0
         if self.active:
             return_freed_memory()
-        self.moved: Counter = Counter()  # bytes "to device" and "to disk"
         self.peak_resident_bytes = 0
 
     @property
@@ -151,7 +150,6 @@ class BlockOffload:
             save_file(pending, str(path))
             for name, t in pending.items():
                 self._disk[int(name[1:])] = (str(path), name, t.dtype)
-                self.moved["to disk"] += t.numel() * t.element_size()
 
     def adopt_from_file(self, block: nn.Module, files: dict[str, tuple[str, str]]) -> None:
         """Offload a block whose slots hold meta tensors, reading them from existing safetensors
@@ -232,7 +230,6 @@ class BlockOffload:
             return self._loaded[key][0]
         placeholder = self._stored[key]
         data = self._read(key, self.device)
-        self.moved["to device"] += data.numel() * data.element_size()
         tensor = _like(placeholder, data)
         self._loaded[key] = [tensor, 1]
         self._loaded_key[_ident(tensor)] = key
@@ -269,12 +266,6 @@ class BlockOffload:
         if key is None:
             return t.detach().to(self.host)
         return self._read(key, self.host)
-
-    def is_placeholder(self, t: torch.Tensor) -> bool:
-        return _ident(t) in self._key_of
-
-    def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._stored.values())
 
     def close(self) -> None:
         """Forget everything stored; the offload folder goes if this object made it."""
