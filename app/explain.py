@@ -6,13 +6,14 @@ A language model is a stack of **blocks** (transformer layers). Some blocks matt
 others. **Pruning** removes them to make the model smaller and faster; **FuseGPT** does not simply
 throw them away: it *fuses* each removed block's weights into its neighbours, then briefly
 re-trains that neighbourhood so the smaller model behaves like the original.
-Go through the tabs from left to right, or press **One-click demo** to watch the whole process on
-fast settings.
+Go through the tabs from left to right, press **One-click demo** to watch the whole process on
+fast settings, or take the **7 · Lesson** tab: a five-minute guided tour for a first visit or a class.
 """
 
 MODEL = """
 **Step 1: the model.** The bundled model is *SmolLM2-135M-Instruct* (30 blocks, runs on a laptop
-CPU, no download). You can also give a folder with a Hugging Face model, a `.gguf` file, or a Hub
+CPU, no download); a second bundled model, *Gemma-3-270m* (18 blocks, another family, under the
+Gemma Terms of Use), shows the same ideas on a different architecture. You can also give a folder with a Hugging Face model, a `.gguf` file, or a Hub
 id such as `HuggingFaceTB/SmolLM2-360M-Instruct` (needs internet). Supported families: Llama,
 Mistral, Qwen2, Gemma-2, Gemma-3, GPT-2, OPT, Phi.
 """
@@ -69,13 +70,52 @@ and settings.
 COMPARE = """
 **Step 5: compare.** Perplexity measures how surprised the model is by held-out text (lower is
 better). *Dropped* is the same blocks removed with no repair: the gap between *dropped* and
-*fusegpt* is what fusion recovered. Generations use the same prompt and settings for every model
-(greedy by default, so differences come from the models).
+*fusegpt* is what fusion recovered. **Zero-shot accuracy** (lm-evaluation-harness) puts questions to
+every model: the two bundled tasks, from held-out Wikipedia text and needing no network, ask for the
+sentence that truly comes next among four, and for a passage's missing last word. Ten items per task
+take about a minute and give a first look; the ± (standard error) says how far so few items can mislead. Generations use the same prompt
+and settings for every model (greedy by default, so differences come from the models).
 """
 
 EXPORT = """
 **Step 6: take it home.** The fused model is a standard Hugging Face folder (safetensors, config,
 tokenizer, model card): `AutoModelForCausalLM.from_pretrained(folder)` loads it with no special
-code. The recipe reproduces the run from the command line. A Hub token is used for one push
-only and is never stored or logged.
+code. The recipe reproduces the run from the command line. **GGUF** writes one file per tensor type
+that llama.cpp and ollama run as they are (Llama-family and Qwen2 models); each file is read back and
+measured on the run's own evaluation text, and its perplexity and size join the Compare table. A Hub
+token is used for one push only and is never stored or logged.
+"""
+
+LESSON_BLOCKS = """
+## A guided lesson: which blocks can a model do without?
+About five minutes on a laptop CPU, on the model loaded in tab 1 (the bundled SmolLM2 by default).
+
+### 1 · What is a block?
+A language model reads text as **tokens** and turns each one into a list of numbers (a vector). It then
+passes these vectors through a **stack of blocks**, all built alike: each block lets every token look at
+the tokens before it (*attention*), then transforms each token on its own (*MLP*), and **adds** its result
+to what came in. The last vector of each token becomes the prediction of the next token. Because every
+block only *adds* a correction, a model can often survive without one of them: the question is which.
+"""
+
+LESSON_MI = """
+### 2 · What does Macro Influence measure?
+Run some text through the model once normally, and once **skipping one block**. Compare the final
+vectors of the two runs: if they point in almost the same direction (cosine similarity close to 1),
+the block made little difference to what the model computes in the end. **Macro Influence (MI) = 1 −
+that cosine similarity**, measured for each block in turn. Low MI = a block the model can most easily
+do without. FuseGPT removes the block with the lowest MI first.
+"""
+
+LESSON_DROP = """
+### 4 · Drop it
+Remove the block MI ranks last and measure **perplexity** on text the model has not been tuned on
+(how surprised it is by each next token: lower is better), then let both models answer the same prompt.
+"""
+
+LESSON_FUSE = """
+### 5 · Fuse it instead
+**FuseGPT** does not throw the block away: it adds the removed block's weights into its neighbours
+through small learnable coefficients, then fine-tunes only that neighbourhood for a short while so its
+output matches the original's. Same number of blocks as after dropping: how much comes back?
 """

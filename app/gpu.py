@@ -1,4 +1,6 @@
-"""Fusion runs on a ZeroGPU Space: one GPU call per round, continuing from the round checkpoint.
+"""The accelerator's work on a ZeroGPU Space: every job that computes on it goes through one decorated
+function, `gpu_call(task, args, seconds)`: a fusion run as one call per round (continuing from the round
+checkpoint), block scoring and generation as one call each.
 
 ZeroGPU lends a GPU to one decorated function call at a time (`@spaces.GPU`): the call runs in a
 worker forked from the app's process, its arguments and result cross the boundary pickled, and it
@@ -110,20 +112,59 @@ def _picklable(value: Any) -> bool:
         return False
 
 
-def _call_seconds(model_key, recipe, windows, folder, seconds) -> float:
+def _call_seconds(task: str, args: dict, seconds: float) -> float:
     return seconds
 
 
-def fusion_call(model_key: str, recipe: dict, windows: tuple[torch.Tensor, torch.Tensor], folder: str, seconds: float):
-    """One GPU call, in the worker: one more round of the run checkpointed in `folder` (all of its
-    remaining work when no round is left: fold, evaluate, export to folder/result). Returns
-    (events, outcome) with outcome 'round', 'finished' or 'stopped'."""
+def gpu_call(task: str, args: dict, seconds: float):
+    """THE function ZeroGPU runs (decorated by `gpu_function`): in the worker, with the GPU for this call
+    only. task 'fusion_round' (args of fusion_round), 'score' (of score_blocks_call) or 'generate' (of
+    generate_call); models are named by their key in MODELS. `seconds` is the call's duration."""
+    tasks = {"fusion_round": fusion_round, "score": score_blocks_call, "generate": generate_call}
+    if task not in tasks:
+        raise ValueError(f"unknown GPU task {task!r}")
+    return tasks[task](**args)
+
+
+def _on_gpu(loaded):
+    if torch.cuda.is_available() and next(loaded.model.parameters()).device.type != "cuda":
+        loaded.model.to("cuda")  # ZeroGPU: the worker has the GPU for this call only
+    return loaded
+
+
+def score_blocks_call(model_key: str, windows: torch.Tensor, metrics: list[str], use_cache: bool, batch_size: int):
+    """Block scores {metric: [float]} of a model (in the worker)."""
+    from fusegpt_core.importance import score_blocks
+
+    loaded = _on_gpu(MODELS[model_key])
+    device = next(loaded.model.parameters()).device
+    scores = score_blocks(loaded.model, windows.to(device), metrics=tuple(metrics), use_cache=use_cache,
+                          batch_size=batch_size)  # fmt: skip
+    return {k: [float(v) for v in values] for k, values in scores.items()}
+
+
+def generate_call(model_keys: list[str], prompt: str, settings: dict):
+    """Each model's answer to `prompt` (in the worker): [(text, seconds)], in the order of model_keys."""
+    import time
+
+    from fusegpt_core.evaluate import generate
+
+    out = []
+    for key in model_keys:
+        loaded = _on_gpu(MODELS[key])
+        start = time.perf_counter()
+        out.append((generate(loaded.model, loaded.tokenizer, prompt, **settings), time.perf_counter() - start))
+    return out
+
+
+def fusion_round(model_key: str, recipe: dict, windows: tuple[torch.Tensor, torch.Tensor], folder: str):
+    """One more round of the run checkpointed in `folder` (in the worker; all of its remaining work when
+    no round is left: fold, evaluate, export to folder/result). Returns (events, outcome) with outcome
+    'round', 'finished' or 'stopped'."""
     from fusegpt_core.export import export_model
     from fusegpt_core.pipeline import run
 
-    loaded = MODELS[model_key]
-    if torch.cuda.is_available() and loaded.device.type != "cuda":
-        loaded.model.to("cuda")  # ZeroGPU: the worker has the GPU for this call only
+    loaded = _on_gpu(MODELS[model_key])
     out = Path(folder)
     events: list = []
     rounds = {"done": 0}
@@ -148,15 +189,59 @@ def fusion_call(model_key: str, recipe: dict, windows: tuple[torch.Tensor, torch
 
 
 def gpu_function():
-    """fusion_call behind the decorator of this machine: spaces.GPU, the fork stand-in, or none."""
+    """gpu_call behind the decorator of this machine: spaces.GPU, the fork stand-in, or none."""
     current = mode()
     if current == "zerogpu":
         import spaces
 
-        return spaces.GPU(duration=_call_seconds)(fusion_call)
+        return spaces.GPU(duration=_call_seconds)(gpu_call)
     if current == "fork":
-        return fork_gpu(_call_seconds)(fusion_call)
-    return fusion_call
+        return fork_gpu(_call_seconds)(gpu_call)
+    return gpu_call
+
+
+def _seconds(estimate: float | None) -> int:
+    """A call's duration: twice the estimate (the call also moves the model), within ZeroGPU's bounds."""
+    return min(MAX_CALL_S, max(MIN_CALL_S, math.ceil(2 * estimate))) if estimate else MAX_CALL_S
+
+
+class Registered:
+    """Models put in MODELS for the calls of one job (a forked worker finds them there), removed after."""
+
+    def __init__(self, models: dict[str, Any]):
+        self.models = models
+
+    def __enter__(self) -> list[str]:
+        MODELS.update(self.models)
+        return list(self.models)
+
+    def __exit__(self, *exc) -> None:
+        for key in self.models:
+            MODELS.pop(key, None)
+
+
+def score_in_call(loaded, windows: torch.Tensor, metrics: list[str], use_cache: bool, batch_size: int,
+                  estimate: float | None) -> dict[str, list[float]]:  # fmt: skip
+    """Block scores computed in one GPU call."""
+    with Registered({f"score-{id(loaded)}": loaded}) as (key,):
+        args = {"model_key": key, "windows": windows.cpu(), "metrics": list(metrics), "use_cache": use_cache,
+                "batch_size": batch_size}  # fmt: skip
+        return gpu_function()("score", args, _seconds(estimate))
+
+
+class _Model:
+    """A (model, tokenizer) pair as MODELS holds it (a run's model is not a LoadedModel)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+
+def generate_in_call(models: list[tuple[Any, Any]], prompt: str, settings: dict, estimate: float | None):
+    """Every (model, tokenizer)'s answer to `prompt`, in one GPU call: [(text, seconds)]."""
+    keyed = {f"generate-{i}-{id(m)}": _Model(m, t) for i, (m, t) in enumerate(models)}
+    with Registered(keyed) as keys:
+        return gpu_function()("generate", {"model_keys": keys, "prompt": prompt, "settings": dict(settings)},
+                              _seconds(estimate))  # fmt: skip
 
 
 def run_in_calls(
@@ -176,7 +261,7 @@ def run_in_calls(
     MODELS[model_key] = loaded
     folder.mkdir(parents=True, exist_ok=True)
     # a round's estimate with room for the call's own work (moving the model, the first capture), capped
-    seconds = min(MAX_CALL_S, max(MIN_CALL_S, math.ceil(2 * round_seconds)) if round_seconds else MAX_CALL_S)
+    seconds = _seconds(round_seconds)
     call = gpu_function()
     watcher = _StopWatcher(should_stop, folder / STOP_FILE)
     watcher.start()
@@ -186,7 +271,8 @@ def run_in_calls(
             if should_stop():
                 raise Cancelled("stopped by the user; the original model is unchanged.")
             try:
-                events, outcome = call(model_key, recipe.to_dict(), windows, str(folder), seconds)
+                args = {"model_key": model_key, "recipe": recipe.to_dict(), "windows": windows, "folder": str(folder)}
+                events, outcome = call("fusion_round", args, seconds)
             except (Cancelled, FuseGPTError):
                 raise
             except Exception as e:  # the time limit, the quota, a worker that died

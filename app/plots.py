@@ -349,6 +349,41 @@ def compare_chart(table: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Perplexity on the evaluation text", height=360)
 
 
+# one colour per zero-shot task (Okabe-Ito: distinct for common colour-vision deficiencies)
+TASK_COLOURS = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442")
+
+
+def accuracy_chart(frame: pd.DataFrame, items: str = "") -> go.Figure:
+    """Zero-shot accuracy per model (x) and task (one bar each, grouped) with ± one standard error.
+    `frame`: tables.accuracy_frame's rows (model, task, metric, accuracy, stderr, n); `items`: how many
+    items per task, for the title."""
+    if frame is None or frame.empty:
+        return empty_figure("Measure zero-shot accuracy to compare the models on tasks", height=220)
+    models = list(dict.fromkeys(frame["model"]))
+    fig = go.Figure()
+    for i, (task, rows) in enumerate(frame.groupby("task", sort=False)):
+        metric = rows["metric"].iloc[0] if rows["metric"].nunique() == 1 else "acc_norm / acc"
+        fig.add_trace(
+            go.Bar(
+                name=f"{task} ({metric})",
+                x=rows["model"],
+                y=rows["accuracy"],
+                error_y=dict(type="data", array=[s if _finite(s) else 0.0 for s in rows["stderr"]], visible=True),
+                marker_color=TASK_COLOURS[i % len(TASK_COLOURS)],
+                customdata=list(
+                    zip(rows["metric"], [s if _finite(s) else float("nan") for s in rows["stderr"]], rows["n"])
+                ),  # fmt: skip
+                hovertemplate=f"%{{x}}<br>{task}: %{{customdata[0]}} %{{y:.3f}} ± %{{customdata[1]:.3f}}"
+                "<br>%{customdata[2]} items<extra></extra>",
+            )
+        )
+    fig.update_layout(barmode="group", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"))
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=models)
+    fig.update_yaxes(title_text="accuracy (higher is better)", range=[0, 1.05])
+    title = "Zero-shot accuracy, ± one standard error" + (f" · first {items}" if items else "")
+    return _layout(fig, title, height=380)
+
+
 def absorbed_heatmap(rows: Sequence[dict], removed: int, round_number: int) -> go.Figure:
     """What one round's targets took in: rows = target blocks, columns = linears, colour = share
     ||(C D) * W_removed|| / ||W_own|| of each fused linear (rows: {'block', 'linear', 'share'})."""
@@ -375,3 +410,53 @@ def absorbed_heatmap(rows: Sequence[dict], removed: int, round_number: int) -> g
     fig.update_xaxes(type="category")
     title = f"Round {round_number}: how much of block {removed} each neighbour took in, per linear"
     return _layout(fig, title, height=150 + 28 * len(blocks))
+
+
+def depth_profile(series: dict[str, Sequence[float | None]], metric_label: str = "Macro Influence") -> go.Figure:
+    """Which blocks matter in several models at once: x = a block's position as a share of its model's
+    depth (block i of n at (i + 0.5) / n), y = its rank-normalised score within its own model (0 = least
+    important there, 1 = most), one line per model. Ranks make models of different scales comparable."""
+    drawn = {name: values for name, values in series.items() if any(_finite(v) for v in values)}
+    if not drawn:
+        return empty_figure("Scores of two models appear here")
+    fig = go.Figure()
+    for name, values in drawn.items():
+        n = len(values)
+        ranks = normalise(values)
+        kept = [(i, r, values[i]) for i, r in enumerate(ranks) if r is not None]
+        fig.add_trace(
+            go.Scatter(
+                x=[(i + 0.5) / n for i, _, _ in kept],
+                y=[r for _, r, _ in kept],
+                mode="lines+markers",
+                name=f"{name} ({n} blocks)",
+                customdata=[[i, v] for i, _, v in kept],
+                hovertemplate=f"{name}<br>block %{{customdata[0]}} of {n}<br>{metric_label} %{{customdata[1]:.4g}}"
+                "<br>rank %{y:.2f}<extra></extra>",
+            )
+        )
+    fig.update_xaxes(title_text="position in the model (0 = input side, 1 = output side)", range=[0, 1])
+    fig.update_yaxes(title_text=f"{metric_label} rank in its model (0 = least important)", range=[-0.05, 1.05])
+    fig.update_layout(legend=dict(orientation="h", y=-0.3))
+    return _layout(fig, f"Which blocks matter in two models ({metric_label}, position normalised by depth)", 380)
+
+
+def guess_bars(scores: Sequence[float | None], guess: int | None, least: int | None) -> go.Figure:
+    """The lesson's reveal: MI of every block as bars, the visitor's guess and MI's least important block marked."""
+    if not scores:
+        return empty_figure("The scores appear once you have guessed")
+    colours = [REMOVED if i == least else TARGET if i == guess else KEPT for i in range(len(scores))]
+    fig = go.Figure(
+        go.Bar(
+            x=list(range(len(scores))),
+            y=[v if _finite(v) else None for v in scores],
+            marker_color=colours,
+            marker_line=dict(color="#444", width=1),
+            hovertemplate="block %{x}: Macro Influence %{y:.4g}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(
+        title_text="block (red: least important by MI; blue: your guess)", dtick=1 if len(scores) <= 32 else 2
+    )
+    fig.update_yaxes(title_text="Macro Influence (higher = matters more)", type="log", dtick=1, tickformat=".2g")
+    return _layout(fig, "Macro Influence of every block", height=340)

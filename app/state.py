@@ -33,11 +33,14 @@ log = logging.getLogger("fusegpt.app.state")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PRECOMPUTED_PATH = ASSETS / "precomputed_importance.json"
+# precomputed scores of the other bundled models (assets/make_precomputed.py --model NAME)
+PRECOMPUTED_MORE = {"bundled-gemma3": ASSETS / "precomputed_gemma3.json"}
 PROMPTS_PATH = ASSETS / "prompts.json"
 TEST_MODEL_ENV = "FUSEGPT_APP_TEST_MODEL"
 TEST_SOURCE = "tiny (test model)"
 
-VIEWS = ("model", "importance", "trajectory", "plan", "settings", "preview", "runs", "generations", "export")
+VIEWS = ("model", "importance", "trajectory", "plan", "settings", "preview", "runs", "generations", "export",
+         "lesson")  # fmt: skip
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Session:
     generations: list[dict[str, Any]] | None = None
     generation_prompt: str = ""
     exports: dict[str, Any] | None = None
+    lesson: dict[str, Any] | None = None
+    """The guided lesson's progress (app/lesson.py): {'guess', 'block', 'drop', 'fuse'}."""
     jobs: list[int] = field(default_factory=list)
     batch_blocks: dict[int, list[int]] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=lambda: {v: 0 for v in VIEWS})
@@ -333,6 +338,12 @@ class AppContext:
     """Fused models kept in memory over all sessions together; the oldest runs give theirs up first."""
     autoload: bool = True
     """Load the default model when a page first opens (FUSEGPT_APP_AUTOLOAD=0 turns it off)."""
+    precomputed_more: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Precomputed scores of the other bundled models, by the name the user types ('bundled-gemma3')."""
+
+    def precomputed_for(self, source: str) -> dict[str, Any] | None:
+        """The shipped scores (and run) of a bundled model, None for any other source."""
+        return self.precomputed if source == "bundled" else self.precomputed_more.get(source)
 
     def active_job(self, session: Session):
         """The session's oldest unfinished job snapshot (the one running), else its newest job's
@@ -393,6 +404,7 @@ def make_context(
     sessions = SessionRegistry(runner, root, grace_s=grace_s)
     precomputed = load_json(PRECOMPUTED_PATH, None) if PRECOMPUTED_PATH.exists() else None
     prompts = load_json(PROMPTS_PATH, [])
+    more = {name: load_json(path, None) for name, path in PRECOMPUTED_MORE.items() if path.exists()}
     ctx = AppContext(
         runner=runner,
         sessions=sessions,
@@ -402,6 +414,7 @@ def make_context(
         test_model=test_model,
         autoload=os.environ.get("FUSEGPT_APP_AUTOLOAD", "1") != "0",
         max_run_models=int(os.environ.get("FUSEGPT_MAX_RUN_MODELS", "12")),
+        precomputed_more={name: pre for name, pre in more.items() if pre},
     )
     if reaper:
         _start_reaper(sessions, period=min(30.0, max(grace_s / 2, 1.0)))

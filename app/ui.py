@@ -17,13 +17,14 @@ from typing import Any
 
 import gradio as gr
 
-from . import explain, views, work
+from . import explain, mcp_tools, views, work
 from .jobs import FAILED, FINISHED
 from .state import ASSETS, TEST_SOURCE, AppContext, Session, get_context
 from .tabs.base import BUSY_POLL_S, IDLE_POLL_S, Changes, session_of, submit_job
 from .tabs.compare import CompareTab
 from .tabs.export import ExportTab
 from .tabs.importance import ImportanceTab
+from .tabs.lesson import LessonTab
 from .tabs.model import ModelTab
 from .tabs.plan import PlanTab
 from .tabs.run import RunTab
@@ -40,6 +41,7 @@ TABS = (
     ("4 · Run", "run", RunTab),
     ("5 · Compare", "compare", CompareTab),
     ("6 · Export", "export", ExportTab),
+    ("7 · Lesson", "lesson", LessonTab),
 )
 
 
@@ -50,7 +52,9 @@ def launch_kwargs() -> dict[str, Any]:
     js = (ASSETS / "click_to_plan.js").read_text(encoding="utf-8") if (ASSETS / "click_to_plan.js").exists() else None
     # run_history off: gradio would otherwise keep every call's inputs (a Hub token too) in the browser.
     # max_file_size: gradio refuses bigger uploads before storing them (data.py reads at most 20 MB of text).
-    return {"css": css, "js": js, "theme": gr.themes.Soft(), "run_history": False, "max_file_size": MAX_UPLOAD}
+    # mcp_server: the API endpoints (app/mcp_tools.py's tools among them) are MCP tools too, at /gradio_api/mcp/
+    return {"css": css, "js": js, "theme": gr.themes.Soft(), "run_history": False, "max_file_size": MAX_UPLOAD,
+            "mcp_server": mcp_tools.mcp_available()}  # fmt: skip
 
 
 def build_ui(app: AppContext | None = None) -> gr.Blocks:
@@ -67,6 +71,7 @@ class Shell:
     run: RunTab
     compare: CompareTab
     export: ExportTab
+    lesson: LessonTab
 
     def __init__(self, app: AppContext):
         self.app = app
@@ -216,6 +221,7 @@ class Shell:
         self.confirm_no.click(lambda: gr.update(visible=False), [], [self.confirm_row], api_visibility="private")
         gr.api(self.job_status, api_name="job_status")
         gr.api(self.results, api_name="results")
+        mcp_tools.register(self.app)  # block_importance, plan_removal, fuse_blocks (MCP tools too)
 
     def on_load(self, bid: str | None, request: gr.Request):
         bid = bid if isinstance(bid, str) and 16 <= len(bid) <= 64 and bid.isascii() else secrets.token_urlsafe(18)

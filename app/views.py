@@ -300,6 +300,12 @@ def compare_views(session: Session) -> tuple[pd.DataFrame, Any, str]:
     return table, plots.compare_chart(tables.chart_frame(table)), tables.compare_caption(runs)
 
 
+def accuracy_figure(session: Session) -> Any:
+    """Zero-shot accuracy of every model of the compare table, per task (the runs' report["zero_shot"])."""
+    runs = [{"label": r.label, "report": r.report} for r in session.runs]
+    return plots.accuracy_chart(tables.accuracy_frame(runs), tables.items_text(tables.zero_shot_counts(runs)))
+
+
 def generations_html(gens: list[dict[str, Any]] | None, prompt: str = "") -> str:
     if not gens:
         return "<div class='gen-empty'>Generations appear here.</div>"
@@ -406,3 +412,91 @@ def estimate_text(session: Session, presets: bool = True) -> str:
     lines.append("")
     lines.append("Choose the preset on the **4 · Run** tab.")
     return "\n".join(lines)
+
+
+BUNDLED_LABELS = {"bundled": "SmolLM2-135M", "bundled-gemma3": "Gemma-3-270m"}
+
+
+def two_model_view(app) -> tuple[Any, str]:
+    """(figure, caption) of the precomputed MI of every bundled model, position normalised by depth."""
+    shipped = {"bundled": app.precomputed, **app.precomputed_more}
+    series = {BUNDLED_LABELS.get(name, name): pre["scores"]["mi"] for name, pre in shipped.items()
+              if pre and (pre.get("scores") or {}).get("mi")}  # fmt: skip
+    if len(series) < 2:
+        return None, ""
+    settings = (app.precomputed or {}).get("settings", {})
+
+    def extremes(scores: list[float]) -> str:
+        order = sorted(range(len(scores)), key=lambda i: scores[i])
+        return f"most important {_blocks_list(order[::-1][:3])}, least {_blocks_list(order[:3])}"
+
+    per_model = "; ".join(f"{name}: {extremes(mi)}" for name, mi in series.items())
+    caption = (
+        "**Precomputed** Macro Influence of both bundled models (their shipped scores: "
+        f"{settings.get('calib_source', 'bundled')} text, {settings.get('n_score', '?')} x "
+        f"{settings.get('seq_len', '?')} tokens; `python assets/make_precomputed.py --model NAME`). "
+        "Each model's blocks are ranked within that model; the x axis is the block's relative depth, so an "
+        f"18-block and a 30-block model line up. {per_model}."
+    )
+    return plots.depth_profile(series), caption
+
+
+def _blocks_list(blocks: list[int]) -> str:
+    return "blocks " + ", ".join(str(b) for b in blocks)
+
+
+# ---- the guided lesson (app/lesson.py) --------------------------------------------------------------
+
+
+def lesson_views(session: Session | None) -> tuple[str, Any, str, str]:
+    """(reveal text, reveal figure, drop text, fuse text) of the session's lesson."""
+    from . import lesson
+
+    state = (session.lesson if session is not None else None) or {}
+    mi = ((session.importance or {}).get("scores") or {}).get("mi") if session is not None else None
+    guess = state.get("guess")
+    if session is None or session.model_info is None:
+        return "Load a model first (the page loads the bundled one by itself).", plots.empty_figure(
+            "The scores appear once you have guessed"), "", ""  # fmt: skip
+    if guess is None:
+        reveal = "Pick the block you think matters least, then press **Reveal**."
+        return reveal, plots.empty_figure("The scores appear once you have guessed"), "", ""
+    if not mi:
+        return f"Your guess: block **{guess}**. Scoring the blocks…", plots.empty_figure("Scoring…"), "", ""
+    v = lesson.guess_verdict(mi, guess)
+    if v["rank"] == 1:
+        verdict = f"Your guess, block **{guess}**, is the least important block by MI. Well spotted!"
+    else:
+        verdict = (
+            f"Your guess, block **{guess}**, is number **{v['rank']}** of {v['n']} from the bottom "
+            f"(MI {v['guess_mi']:.4g}). MI ranks block **{v['least']}** least important (MI {v['least_mi']:.4g})."
+        )
+    reveal = verdict + (
+        " The first blocks usually matter most (they turn tokens into the model's working representation);"
+        " blocks in the middle often do overlapping work, which is why they are the first to go."
+    )
+    figure = plots.guess_bars(mi, guess, v["least"])
+    drop = state.get("drop")
+    drop_text = ""
+    if drop:
+        drop_text = (
+            f"Without block **{drop['block']}** the perplexity goes from **{drop['dense']:.2f}** to "
+            f"**{drop['dropped']:.2f}** ({drop['dropped'] / drop['dense'] - 1:+.0%}; lower is better; "
+            f"{drop['tokens']:,} tokens of held-out text).\n\n"
+            f"*Prompt:* {html.escape(drop['prompt'])}\n\n"
+            f"- **original:** {html.escape(drop['answers']['original'])}\n"
+            f"- **block {drop['block']} dropped:** {html.escape(drop['answers']['dropped'])}"
+        )
+    fuse = state.get("fuse")
+    fuse_text = ""
+    if fuse:
+        back = fuse.get("recovered")
+        back_text = f"**{back:.0%}** of what dropping lost came back" if back is not None else "nothing was lost"
+        fuse_text = (
+            f"Fused into blocks {fuse.get('targets')} and fine-tuned ({fuse['preset']} preset, "
+            f"{fuse['seconds']:.0f} s): perplexity **{fuse['fused']:.2f}**, against {fuse['dense']:.2f} for the "
+            f"original and {fuse['dropped']:.2f} dropped: {back_text}. The model has one block fewer either way.\n\n"
+            f"- **fused ({fuse['run']}):** {html.escape(fuse['answer'])}\n\n"
+            "The run is on the **Compare** tab too, next to the original."
+        )
+    return reveal, figure, drop_text, fuse_text

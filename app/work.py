@@ -22,7 +22,8 @@ import torch
 from fusegpt_core.config import Recipe, check_seq_len
 from fusegpt_core.errors import ModelLoadError, PlanError
 
-from .estimate import estimate_run
+from . import gpu
+from .estimate import estimate_run, mi_pass_forwards
 from .jobs import JobContext
 from .plan import Plan
 from .recipes import RunSettings, TextChoice, build_recipe, effective_knobs
@@ -88,6 +89,7 @@ def time_decode_token(loaded, new_tokens: int = 4) -> float:
 
 def do_load(app: AppContext, session: Session, jc: JobContext, source: str, device, dtype, trust: bool) -> None:
     from fusegpt_core.adapters import num_blocks
+    from fusegpt_core.loading import bundled_licence
 
     source = (source or "").strip()
     if not source:
@@ -119,12 +121,15 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
         "timing_shape": f"1 x {TIMING_SEQ_LEN} tokens",
         "decode_token_seconds": decode_s,
     }
+    licence, licence_file = bundled_licence(source)
+    if licence:
+        info["licence"] = licence + (f" (its text ships with the model: {licence_file})" if licence_file else "")
     importance = trajectory = None
-    pre = app.precomputed
-    if pre and source == "bundled" and pre.get("num_blocks") == n:
+    pre = app.precomputed_for(source)
+    if pre and pre.get("num_blocks") == n:
         importance = precomputed_importance(pre)
         if loaded.kind != "bundled":  # the Hub's original (a Space), not the GGUF the scores were made on
-            importance["caveat"] = "made on the Q4_1 GGUF version of this model, not on the Hub weights loaded now"
+            importance["caveat"] = "made on the GGUF version of this model, not on the Hub weights loaded now"
         if pre.get("trajectory"):
             trajectory = {
                 "rows": pre["trajectory"]["rows"],
@@ -142,7 +147,8 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
             session.trajectory = trajectory
             session.plan = Plan()
             session.preview = None
-    session.bump("model", *(() if same else ("importance", "trajectory", "plan", "preview")))
+            session.lesson = None
+    session.bump("model", *(() if same else ("importance", "trajectory", "plan", "preview", "lesson")))
     jc.log(f"loaded {source}: {n} blocks, {info['params']:,} parameters on {info['device']}")
 
 
@@ -258,15 +264,22 @@ def do_importance(
     windows = read_windows(app, loaded.tokenizer, calib_source, seq_len, n_score, seed)
     jc.check()
     jc.stage("score", f"scoring blocks: {', '.join(metrics)} on {windows.shape[0]} x {seq_len} tokens")
-    scores = score_blocks(
-        loaded.model,
-        windows.to(loaded.device),
-        metrics=tuple(metrics),
-        use_cache=use_cache,
-        batch_size=batch_size,
-        on_progress=lambda s, t: jc.progress(s, t, f"forward pass {s}/{t}"),
-        should_stop=jc.should_stop,
-    )
+    if gpu.mode() != "off":  # a ZeroGPU Space: the scoring is one GPU call
+        info = session.model_info or {}
+        n = int(info.get("blocks") or 1)
+        estimate = (info.get("block_seconds") or 0) * mi_pass_forwards(n, use_cache) * windows.shape[0]
+        scores = gpu.score_in_call(loaded, windows, metrics, use_cache, batch_size,
+                                   estimate * seq_len / TIMING_SEQ_LEN or None)  # fmt: skip
+    else:
+        scores = score_blocks(
+            loaded.model,
+            windows.to(loaded.device),
+            metrics=tuple(metrics),
+            use_cache=use_cache,
+            batch_size=batch_size,
+            on_progress=lambda s, t: jc.progress(s, t, f"forward pass {s}/{t}"),
+            should_stop=jc.should_stop,
+        )
     agreement = rank_agreement(scores) if len(scores) > 1 else pd.DataFrame()
     with session.lock:
         session.importance = {
@@ -392,8 +405,6 @@ def do_run(
     """Run one recipe; returns the new run's id. The session's base model is never edited."""
     from fusegpt_core.pipeline import RunResult, run
 
-    from . import gpu
-
     recipe = copy.deepcopy(recipe)
     if recipe.blocks is None and batch_id is not None and batch_id in session.batch_blocks:
         # a baseline in the same batch as a FuseGPT run: same blocks, same order
@@ -454,6 +465,13 @@ def do_generate(session: Session, jc: JobContext, loaded, prompt: str, settings:
     models = [("original", loaded.model, loaded.tokenizer)]
     models += [(r.label, r.model, r.tokenizer) for r in session.runs if r.model is not None]
     out = []
+    if gpu.mode() != "off":  # a ZeroGPU Space: every model's answer in one GPU call
+        jc.stage("generate", f"generating with {len(models)} models (one GPU call)")
+        decode = (session.model_info or {}).get("decode_token_seconds")
+        estimate = decode * settings.get("max_new_tokens", 64) * len(models) if decode else None
+        answers = gpu.generate_in_call([(m, t) for _, m, t in models], prompt, settings, estimate)
+        out = [{"label": label, "text": text, "seconds": s} for (label, _, _), (text, s) in zip(models, answers)]
+        models = []  # done
     for i, (label, model, tok) in enumerate(models):
         jc.check()
         jc.stage("generate", f"generating with {label}")
@@ -470,6 +488,119 @@ def do_generate(session: Session, jc: JobContext, loaded, prompt: str, settings:
 def make_generate_job(session: Session, prompt: str, settings: dict[str, Any]) -> Job:
     loaded = _require_model(session)
     return lambda jc: do_generate(session, jc, loaded, prompt, settings)
+
+
+# ---- zero-shot accuracy -------------------------------------------------------------------------
+
+ZERO_SHOT_LIMIT = 10
+"""Items per task by default: the original, a dropped and a fused model on the two bundled tasks take about a
+minute on the bundled model (54 s measured with one CPU core to itself)."""
+
+
+def zero_shot_task_choices() -> tuple[list[str], list[str]]:
+    """(what the task box offers, what it starts with): the bundled offline tasks, chosen, then the paper's
+    (their data is on the Hub)."""
+    from fusegpt_core.zeroshot import PAPER_TASKS, bundled_task_names
+
+    offline = bundled_task_names()
+    return [*offline, *PAPER_TASKS], offline
+
+
+def _zero_shot_plan(session: Session, loaded) -> tuple[dict[str, Callable[[], Any]], list[tuple[RunRecord, str, str]]]:
+    """What to evaluate, each model once: {key: builds the model}, and where each figure goes:
+    (run, "original" | "dropped" | "result", key). The original and the dropped models are measured for
+    the runs made on the loaded model; a run's own model where it is still in memory."""
+    from fusegpt_core.adapters import num_blocks
+    from fusegpt_core.evaluate import drop_blocks
+
+    # a run made before another model was loaded has another original; the report names no identity of
+    # a local model, so its size tells (block count and parameters as the run found them)
+    size = (num_blocks(loaded.model), loaded.num_params)
+    models: dict[str, Callable[[], Any]] = {}
+    slots: list[tuple[RunRecord, str, str]] = []
+    with session.lock:
+        records = list(session.runs)
+    for record in records:
+        removed = sorted(set(record.report.get("removed_blocks") or []))
+        on_loaded = (record.report.get("num_layers_before"), record.report.get("params_before")) == size
+        dropped = f"dropped {removed}" if removed else "original"  # nothing removed: the original itself
+        if on_loaded:
+            models["original"] = lambda: loaded.model
+            if removed:
+                models.setdefault(dropped, lambda r=removed: drop_blocks(loaded.model, r))
+            slots += [(record, "original", "original"), (record, "dropped", dropped)]
+        model = record.model
+        if model is None:
+            continue
+        if record.method == "drop" and on_loaded:
+            slots.append((record, "result", dropped))  # a drop run's model is the dropped one: measured once
+        else:
+            models[f"run {record.label}"] = lambda m=model: m
+            slots.append((record, "result", f"run {record.label}"))
+    return models, slots
+
+
+def do_zero_shot(session: Session, jc: JobContext, loaded, tasks: list[str], limit: int) -> None:
+    """Zero-shot accuracy (lm-eval) of the original, of each run's blocks dropped and of each run's model
+    still in memory. Figures go into each run's report["zero_shot"] ({"original", "dropped", "result"}: {task:
+    figures}, as `fuse --tasks` writes them), merged task by task into what was measured before, so an export
+    carries them. Each figure shows as soon as it is measured; a stop (between two tasks) keeps those done."""
+    from fusegpt_core.zeroshot import evaluate_tasks
+
+    models, slots = _zero_shot_plan(session, loaded)
+    if not models:
+        raise PlanError(
+            "no model to measure: the runs were made on another model and their own models were released; "
+            "run a plan again."
+        )
+    total = len(models) * len(tasks)
+    what = f"{len(models)} models on {', '.join(tasks)} (first {limit} items of each)"
+    jc.stage("zero-shot", f"zero-shot accuracy of {what}")
+    step = 0
+    for key, build in models.items():
+        jc.check()
+        model = build()
+        seconds = 0.0
+        for task in tasks:
+            jc.check()
+            jc.progress(step, total, f"{key}: {task} ({step + 1} of {total})")
+            result = evaluate_tasks(model, loaded.tokenizer, [task], limit)
+            seconds += result["seconds"]
+            where = [(record, label) for record, label, k in slots if k == key]
+            _store_zero_shot(session, where, result["tasks"], limit, round(seconds, 2))
+            for name, figures in result["tasks"].items():
+                shown = [f"{m} {figures[m]:.3f}" for m in ("acc", "acc_norm") if figures.get(m) is not None]
+                jc.log(f"{key}, {name}: {', '.join(shown)}")
+            step += 1
+        del model  # a dropped fork goes before the next model is built
+    jc.progress(total, total, f"measured {len(models)} models on {len(tasks)} task(s)")
+
+
+def _store_zero_shot(session: Session, slots, figures: dict[str, dict], limit: int, seconds: float) -> None:
+    with session.lock:
+        for record, label in slots:
+            zero_shot = record.report.setdefault("zero_shot", {})
+            zero_shot.setdefault(label, {}).update(copy.deepcopy(figures))
+            zero_shot["limit"] = limit
+            zero_shot.setdefault("seconds", {})[label] = seconds
+            # an export made before these figures lacks them: the next export writes the folder again
+            record.export_dir = record.zip_path = None
+    session.bump("runs")
+
+
+def make_zero_shot_job(session: Session, tasks, limit: int) -> Job:
+    """Refuse at once an unknown task, a Hub task while the Hub cannot be reached, a limit under 1, no model
+    or no run; the job measures."""
+    from fusegpt_core.zeroshot import check_tasks
+
+    loaded = _require_model(session)
+    names = check_tasks(tasks, limit)
+    if not session.runs:
+        raise PlanError(
+            "nothing to compare yet: run a plan in the Run tab first (the original and the dropped model are "
+            "measured next to each run's)."
+        )
+    return lambda jc: do_zero_shot(session, jc, loaded, names, int(limit))
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -554,6 +685,93 @@ def make_push_job(session: Session, run_id: int, repo_id: str, token: str) -> Jo
         return url
 
     return fn
+
+
+# ---- GGUF export (llama.cpp / ollama) -----------------------------------------------------------
+
+
+def _run_with_model(session: Session, run_id: int) -> RunRecord:
+    record = session.run_by_id(run_id)
+    if record is None:
+        raise PlanError(f"run {run_id} is not in this session any more.")
+    if record.model is None:
+        raise PlanError(
+            f"the model of run {record.label} was released to save memory (only the newest runs are kept); "
+            "run it again to export it as GGUF."
+        )
+    return record
+
+
+def make_gguf_job(app: AppContext, session: Session, run_id: int, quants) -> Job:
+    """Refuse at once what GGUF cannot hold (no type chosen, an unknown type, a run without its model,
+    an architecture or tokenizer llama.cpp's format has no place for); the job writes the files."""
+    from fusegpt_core.gguf_export import check_exportable, parse_quants
+
+    chosen = parse_quants(quants or [])
+    record = _run_with_model(session, run_id)
+    check_exportable(record.model, record.tokenizer)
+    return lambda jc: do_gguf_export(app, session, jc, run_id, chosen)
+
+
+def _run_eval_windows(app: AppContext, jc: JobContext, record: RunRecord) -> torch.Tensor | None:
+    """The evaluation windows the run measured its result on, or None where its report has no recipe
+    or its text cannot be read any more (the files are then written without a perplexity)."""
+    from fusegpt_core.errors import FuseGPTError
+
+    recipe = record.report.get("recipe")
+    if not recipe:
+        return None
+    jc.stage("data", "preparing the run's evaluation windows")
+    try:
+        _, windows = run_windows(app, record.tokenizer, Recipe.from_dict(recipe))
+    except FuseGPTError as e:
+        jc.log(f"the run's evaluation text cannot be read any more ({e}); the files are not measured")
+        return None
+    return windows
+
+
+def do_gguf_export(app: AppContext, session: Session, jc: JobContext, run_id: int, quants: list[str]) -> list[Path]:
+    """Write the run's model as one GGUF file per type into the session folder and measure each (its
+    size, and the perplexity of the model read back from it, dequantised, on the run's own evaluation
+    windows). Each file's row joins the run's report["quantised"], which the Compare tab shows."""
+    from fusegpt_core.gguf_export import export_gguf, quantisation_rows
+
+    record = _run_with_model(session, run_id)
+    jc.check()  # a stop pressed while the job waited in the queue: nothing is written
+    report = record.report
+    windows = _run_eval_windows(app, jc, record)
+    # the compression is the file's size over the original model's parameters in 16-bit, as on the command line
+    size_before = 2 * int(report.get("params_before") or 0)
+    base = str(report.get("base_model") or "model").rstrip("/").split("/")[-1]
+    name = f"{base}-{record.method}-{report.get('num_layers_after')}-blocks"
+    folder = session.workdir / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    for i, quant in enumerate(quants):
+        jc.check()
+        measured = " and measuring the file read back" if windows is not None else ""
+        jc.stage("gguf", f"writing run {record.label} as {quant} GGUF{measured} ({i + 1} of {len(quants)})")
+        # the type is always in the name, so files of one run written at different times never collide
+        target = folder / f"fused-run{record.id}-{record.method.replace('+', '-')}-{quant}.gguf"
+        if windows is None:
+            export_gguf(record.model, record.tokenizer, target, quant, overwrite=True, name=name)
+            size = target.stat().st_size
+            row = {"quant": quant, "file": str(target), "file_bytes": size, "ppl": None, "eval_tokens": None,
+                   "size_before_bytes": size_before, "compression": size / size_before if size_before else None}  # fmt: skip
+        else:
+            (row,) = quantisation_rows(record.model, record.tokenizer, target, [quant], windows, size_before,
+                                       overwrite=True, name=name)  # fmt: skip
+        jc.log(f"{quant}: {target.name}, {row['file_bytes'] / 2**20:.1f} MiB" +
+               (f", perplexity {row['ppl']:.3f} read back" if row["ppl"] is not None else ""))  # fmt: skip
+        with session.lock:
+            # one row per type: a type written again replaces its row (the file was replaced too)
+            rows = [r for r in report.get("quantised") or [] if r.get("quant") != quant]
+            report["quantised"] = [*rows, row]
+            files = [Path(r["file"]) for r in report["quantised"] if Path(r["file"]).is_file()]
+            exports = session.exports if (session.exports or {}).get("run_id") == run_id else {"run_id": run_id}
+            session.exports = {**exports, "gguf": files}
+        session.bump("export", "runs")  # each file shows as soon as it is measured; a stop keeps those done
+    return files
 
 
 # ---- the one-click demo -------------------------------------------------------------------------

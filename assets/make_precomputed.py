@@ -3,6 +3,7 @@ shown instantly in the app (the classroom's first view).
 
     python assets/make_precomputed.py                  # scores + a FuseGPT run (quick preset, 6 blocks) + baselines
     python assets/make_precomputed.py --no-trajectory  # scores only (about 2 minutes on 2 CPU cores)
+    python assets/make_precomputed.py --model bundled-gemma3 --no-trajectory  # -> assets/precomputed_gemma3.json
 
 The scores use the Importance tab's default settings (bundled text, 4 windows x 128 tokens, seed 0).
 The run is iterative MI + fusion with the 'quick' preset removing 6 of 30 blocks (about 10 minutes on 2
@@ -30,11 +31,17 @@ from fusegpt_core.loading import load_model  # noqa: E402
 from fusegpt_core.pipeline import run  # noqa: E402
 
 SETTINGS = {"calib_source": "bundled", "seq_len": 128, "n_score": 4, "seed": 0}
+OUT_NAMES = {"bundled": "precomputed_importance.json", "bundled-gemma3": "precomputed_gemma3.json"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(HERE / "precomputed_importance.json"))
+    ap.add_argument("--model", default="bundled", choices=sorted(OUT_NAMES), help="which bundled model")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="default: assets/precomputed_importance.json (bundled) or assets/precomputed_gemma3.json (bundled-gemma3)",
+    )
     ap.add_argument("--no-trajectory", action="store_true", help="skip the cpu-demo run")
     ap.add_argument("--remove", type=int, default=6, help="blocks the trajectory run removes")
     ap.add_argument("--method", default="fusegpt", help="method of the trajectory run (fusegpt, drop, ...)")
@@ -51,13 +58,14 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3, help="example prompts every model answers")
     ap.add_argument("--keep-scores", action="store_true", help="reuse the scores already in --out")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / OUT_NAMES[args.model])
 
     start = time.perf_counter()
-    loaded = load_model("bundled", device="cpu", dtype="float32")
+    loaded = load_model(args.model, device="cpu", dtype="float32")
     if args.keep_scores and Path(args.out).exists():
         out = json.loads(Path(args.out).read_text(encoding="utf-8"))
     else:
-        out = compute_scores(loaded, start)
+        out = compute_scores(loaded, start, args.model)
         _write(args.out, out)
         print(f"scores written in {out['seconds_scores']} s", flush=True)
 
@@ -67,8 +75,9 @@ def main() -> None:
             key, _, value = item.partition("=")
             overrides[key] = json.loads(value)
         if args.device != "cpu":
-            loaded = load_model("bundled", device=args.device)
-        recipe = preset(args.preset, remove=args.remove, method=args.method, device=args.device, **overrides)
+            loaded = load_model(args.model, device=args.device)
+        recipe = preset(args.preset, model=args.model, remove=args.remove, method=args.method, device=args.device,
+                        **overrides)  # fmt: skip
 
         def on_event(ev) -> None:
             if ev.kind in ("stage", "round") or (ev.kind == "log"):
@@ -92,7 +101,8 @@ def main() -> None:
             {"model": rep["method"], "ppl": rep["result_ppl"], "blocks": rep["num_layers_after"]},
         ]
         for method in [m for m in args.baselines.split(",") if m]:
-            same = preset(args.preset, blocks=rep["removed_blocks"], method=method, device=args.device, **overrides)
+            same = preset(args.preset, model=args.model, blocks=rep["removed_blocks"], method=method,
+                          device=args.device, **overrides)  # fmt: skip
             other = run(same, loaded=loaded, on_event=on_event)
             results.append(
                 {"model": method, "ppl": other.report["result_ppl"], "blocks": other.report["num_layers_after"]}
@@ -118,14 +128,14 @@ RUN_KEYS = ("method", "status", "dense_ppl", "dropped_ppl", "result_ppl", "remov
             "num_layers_after", "params_before", "params_after", "rounds", "seconds", "recipe")  # fmt: skip
 
 
-def compute_scores(loaded, start: float) -> dict:
+def compute_scores(loaded, start: float, model: str) -> dict:
     calib, _ = load_texts(SETTINGS["calib_source"], SETTINGS["calib_source"], seed=SETTINGS["seed"])
     windows = token_windows(loaded.tokenizer, calib, SETTINGS["seq_len"], SETTINGS["n_score"], seed=SETTINGS["seed"])
     print(f"scoring {windows.shape} ...", flush=True)
     scores = score_blocks(loaded.model, windows, metrics=("mi", "bi", "angular", "ppl"))
     agreement = rank_agreement(scores)
     out = {
-        "model": "bundled",
+        "model": model,
         "model_type": loaded.model_type,
         "num_blocks": len(scores["mi"]),
         "settings": SETTINGS,

@@ -1,4 +1,4 @@
-"""Command line: `python -m fusegpt_core importance|fuse|plan|evaluate ...`.
+"""Command line: `python -m fusegpt_core importance|fuse|plan|evaluate|export ...`.
 
 User mistakes end with one line on stderr and exit code 2, never a traceback.
 """
@@ -225,6 +225,8 @@ def cmd_fuse(args) -> int:
         raise FuseGPTError("--resume DIR continues the run in DIR: its result goes there too (drop --out).")
     if (out / "model").exists() and not args.overwrite:
         raise ExportError(f"'{out / 'model'}' already exists: choose another --out or pass --overwrite.")
+    gguf_targets = _gguf_targets(args)  # checked before anything runs
+    check_task_args(args, allow_list=False)
     recipe = resumed_recipe(args) if args.resume is not None else build_recipe(args)
     plan = None
     if not args.skip_memory_check:
@@ -248,12 +250,24 @@ def cmd_fuse(args) -> int:
         offload=offload,
         offload_folder=out / "offload" if offload == "disk" else None,
     )
+    if gguf_targets:
+        from .gguf_export import check_exportable
+
+        check_exportable(loaded.model, loaded.tokenizer)
     result = run(recipe, loaded, on_event=progress, checkpoint_dir=out, resume_run=args.resume is not None)
     progress._close()
+    if args.tasks is not None:
+        t0 = time.perf_counter()
+        result.report["zero_shot"] = zero_shot_of_run(args, loaded, result, progress)
+        result.report["seconds"]["zero_shot"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     export_model(result.model, result.tokenizer, out / "model", result.report, overwrite=args.overwrite)
     result.report["seconds"]["export"] = round(time.perf_counter() - t0, 2)
     result.report["seconds"]["load"] = round(loaded.load_seconds, 2)
+    if gguf_targets:
+        t0 = time.perf_counter()
+        result.report["quantised"] = _gguf_rows(result.model, result.tokenizer, recipe, result.report, args)
+        result.report["seconds"]["gguf"] = round(time.perf_counter() - t0, 2)
     write_json(out / "report.json", result.report)
     write_json(out / "model" / "report.json", result.report)
     shutil.rmtree(out / resume.CHECKPOINT, ignore_errors=True)  # the result is written: rounds are not needed
@@ -265,6 +279,8 @@ def cmd_fuse(args) -> int:
         f"{r['seconds']['total']:.0f}s. Wrote {out / 'report.json'} and {out / 'model'}",
         file=sys.stderr,
     )
+    for row in r.get("quantised") or []:
+        print(_gguf_line(row), file=sys.stderr)
     return 0
 
 
@@ -321,19 +337,22 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _evaluated_model(args):
+    """The model `evaluate` measures: on one device, or spread by accelerate (--device-map, --max-memory)."""
+    from .loading import load_model, parse_max_memory
+
+    device_map = json.loads(args.device_map) if (args.device_map or "").startswith("{") else args.device_map
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      device_map=device_map, max_memory=parse_max_memory(args.max_memory))  # fmt: skip
+
+
 def cmd_evaluate(args) -> int:
     from .data import load_texts, token_windows
     from .evaluate import perplexity
-    from .loading import load_model, parse_max_memory
 
-    loaded = load_model(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
-        device_map=json.loads(args.device_map) if (args.device_map or "").startswith("{") else args.device_map,
-        max_memory=parse_max_memory(args.max_memory),
-    )
+    if check_task_args(args):
+        return evaluate_zero_shot(args)
+    loaded = _evaluated_model(args)
     check_seq_len(args.seq_len, loaded.model.config, "--seq-len")
     source = text_source(args.eval_text)
     _, text = load_texts(source, source, seed=args.seed)
@@ -341,6 +360,189 @@ def cmd_evaluate(args) -> int:
     ppl = perplexity(loaded.model, windows, args.batch_size)
     print(json.dumps({"model": args.model, "ppl": ppl, "tokens": int(windows.numel()), "text": source}))
     return 0
+
+
+# ---- zero-shot accuracy through lm-eval (evaluate --tasks, fuse --tasks) --------------------------------
+
+
+def evaluate_zero_shot(args) -> int:
+    """evaluate --tasks list | T1,T2: the task names, or the model's zero-shot accuracy on them."""
+    from . import zeroshot
+
+    if args.tasks.strip() == "list":
+        print("\n".join(zeroshot.task_names()))
+        return 0
+    names = zeroshot.parse_tasks(args.tasks)  # checked by check_task_args
+    loaded = _evaluated_model(args)
+    say = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    result = zeroshot.evaluate_tasks(loaded.model, loaded.tokenizer, names, args.limit, args.batch_size, say)
+    result = {**result, "model": args.model}
+    if args.json:
+        from .export import write_json
+
+        write_json(Path(args.json), result)
+    else:
+        print(json.dumps(result, indent=2))
+    for name, figures in result["tasks"].items():
+        print(zero_shot_line(name, figures), file=sys.stderr)
+    return 0
+
+
+def check_task_args(args, allow_list: bool = True) -> bool:
+    """--tasks and --limit checked before a model is loaded (a wrong name, or Hub tasks without the Hub,
+    fail at once); whether zero-shot tasks were asked for."""
+    from .zeroshot import check_tasks
+
+    if args.tasks is None:
+        if args.limit is not None:
+            raise FuseGPTError("--limit needs --tasks (the tasks whose first N items to evaluate).")
+        return False
+    if args.tasks.strip() == "list":
+        if not allow_list:
+            raise FuseGPTError(
+                "--tasks takes task names here; see them with `python -m fusegpt_core evaluate --tasks list`."
+            )
+        return True
+    check_tasks(args.tasks, args.limit)
+    return True
+
+
+def zero_shot_line(name: str, figures: dict) -> str:
+    """'task: acc 0.412, acc_norm 0.455 +- 0.016 (1000 items)'."""
+    parts = [f"{key} {figures[key]:.3f}" for key in ("acc", "acc_norm") if figures.get(key) is not None]
+    stderr = f" +- {figures['stderr']:.3f}" if isinstance(figures.get("stderr"), float) else ""
+    return f"{name}: {', '.join(parts)}{stderr} ({figures.get('n')} items)"
+
+
+def zero_shot_of_run(args, loaded, result, progress) -> dict:
+    """fuse --tasks: the tasks on the original, the same blocks dropped, and the result."""
+    from . import zeroshot
+    from .evaluate import drop_blocks
+
+    removed = result.report["removed_blocks"]
+    dropped = drop_blocks(loaded.model, removed) if removed else loaded.model
+    if result.report["method"] == "drop":
+        dropped = result.model  # the same model: evaluated once
+    progress._close()
+    say = None if args.quiet else (lambda message: print(f"[zero-shot] {message}", file=sys.stderr, flush=True))
+    models = {"original": loaded.model, "dropped": dropped, "result": result.model}
+    return zeroshot.evaluate_run(models, loaded.tokenizer, args.tasks, args.limit, progress=say)
+
+
+# ---- GGUF export (fuse --gguf, export) ---------------------------------------------------------------
+
+
+def _gguf_targets(args) -> dict[str, Path] | None:
+    """quant -> GGUF file to write, checked (folder exists, no file there unless --overwrite); None
+    without --gguf."""
+    from .gguf_export import check_targets
+
+    if args.gguf is None:
+        if args.quant is not None:
+            raise FuseGPTError("--quant needs --gguf OUT.gguf (the file to write).")
+        return None
+    return check_targets(args.gguf, args.quant or "f16", args.overwrite)
+
+
+def _gguf_rows(model, tokenizer, recipe, report: dict, args) -> list[dict]:
+    """Write the GGUF files of a run's result and measure each on the run's evaluation windows; the
+    compression is the file's size over the original model's parameters in 16-bit."""
+    from .gguf_export import quantisation_rows
+    from .pipeline import load_windows
+
+    _, windows = load_windows(recipe, tokenizer)
+    base = str(report.get("base_model") or recipe.model).rstrip("/").split("/")[-1]
+    return quantisation_rows(
+        model,
+        tokenizer,
+        args.gguf,
+        args.quant or "f16",
+        windows,
+        size_before_bytes=2 * int(report["params_before"]),
+        overwrite=args.overwrite,
+        name=f"{base}-{report.get('method', 'fused')}-{report.get('num_layers_after')}-blocks",
+    )
+
+
+def _gguf_line(row: dict) -> str:
+    text = f"{row['quant']}: {row['file']} ({row['file_bytes'] / 2**20:.1f} MiB"
+    if row.get("compression") is not None:
+        text += f", {row['compression']:.3f} x the original in 16-bit"
+    if row.get("ppl") is not None:
+        text += f", ppl {row['ppl']:.3f} dequantised"
+    return text + ")"
+
+
+def _run_folder(source: str) -> Path | None:
+    """A `fuse --out` folder (its model/ and report.json), else None."""
+    folder = Path(source).expanduser()
+    if (folder / "model" / "config.json").is_file() and (folder / "report.json").is_file():
+        return folder
+    return None
+
+
+def cmd_export(args) -> int:
+    from .export import write_json
+    from .gguf_export import check_architecture, check_exportable, export_gguf, quantisation_rows
+    from .loading import load_model
+
+    targets = _gguf_targets(args)
+    run_dir = _run_folder(args.model)
+    source = str(run_dir / "model") if run_dir else args.model
+    config_file = Path(source).expanduser() / "config.json"
+    if config_file.is_file():  # refuse an architecture GGUF cannot hold before reading any weight
+        check_architecture(json.loads(config_file.read_text(encoding="utf-8")))
+    loaded = load_model(source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    check_exportable(loaded.model, loaded.tokenizer)
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8")) if run_dir else None
+    if not args.measure:
+        rows = []
+        for quant, target in targets.items():
+            export_gguf(loaded.model, loaded.tokenizer, target, quant, overwrite=args.overwrite)
+            rows.append({"quant": quant, "file": str(target), "file_bytes": target.stat().st_size})
+    else:
+        if report is not None:  # the run's own evaluation windows, as its result_ppl
+            from .config import Recipe
+            from .pipeline import load_windows
+
+            _, windows = load_windows(Recipe.from_dict(report["recipe"]), loaded.tokenizer)
+            params_before = int(report["params_before"])
+        else:
+            from .data import load_texts, token_windows
+
+            check_seq_len(args.seq_len, loaded.model.config, "--seq-len")
+            eval_source = text_source(args.eval_text)
+            _, text = load_texts(eval_source, eval_source, seed=args.seed)
+            windows = token_windows(loaded.tokenizer, text, args.seq_len, None, seed=args.seed)[: args.windows]
+            params_before = loaded.num_params
+        rows = quantisation_rows(
+            loaded.model, loaded.tokenizer, args.gguf, list(targets), windows, 2 * params_before,
+            overwrite=args.overwrite, batch_size=args.batch_size,
+        )  # fmt: skip
+        if report is not None:
+            report["quantised"] = rows
+            write_json(run_dir / "report.json", report)
+            write_json(run_dir / "model" / "report.json", report)
+    print(json.dumps({"model": args.model, "files": rows}, indent=2))
+    for row in rows:
+        print(_gguf_line(row), file=sys.stderr)
+    return 0
+
+
+def _gguf_args(p: argparse.ArgumentParser, required: bool) -> None:
+    from .gguf_export import QUANTS
+
+    p.add_argument("--gguf", default=None, required=required, metavar="OUT.gguf",
+                   help="also write the result as a GGUF file for llama.cpp / ollama (Llama family and Qwen2)")  # fmt: skip
+    p.add_argument("--quant", default=None, metavar="TYPE[,TYPE]",
+                   help=f"GGUF tensor type: {', '.join(QUANTS)} (default f16); several, comma-separated, write "
+                        "OUT-TYPE.gguf each")  # fmt: skip
+
+
+def _task_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help=f"lm-eval tasks, e.g. bundled_nextsent,bundled_cloze or piqa,hellaswag, {what}")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="with --tasks: the first N items of each")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -400,6 +602,8 @@ def parser() -> argparse.ArgumentParser:
         "--resume", default=None, metavar="DIR", help="continue the run whose --out was DIR after its last round"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    _gguf_args(p, required=False)
+    _task_args(p, "and measure the original, the dropped and the result on them (report.json, model card)")
     _common(p)
     p.set_defaults(func=cmd_fuse)
 
@@ -422,8 +626,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-memory", default=None, metavar="DEV=SIZE,...", help="with --device-map, e.g. 0=20GiB,cpu=64GiB"
     )
+    _task_args(p, "instead of perplexity: zero-shot accuracy on them ('list': the names)")
+    p.add_argument("--json", default=None, help="with --tasks: write the result here (else print it)")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a model (or a fuse run's result) as GGUF for llama.cpp / ollama")
+    p.add_argument("--model", default="bundled", help="a fuse --out folder, a model folder, 'bundled', .gguf or hub id")
+    _gguf_args(p, required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace existing GGUF files")
+    p.add_argument("--measure", action="store_true",
+                   help="reload each file through transformers and measure its perplexity (a run's report.json "
+                        "gains the rows)")  # fmt: skip
+    p.add_argument("--eval-text", default=None, help="with --measure, for a model that is not a run's result")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=cmd_export)
     return ap
 
 

@@ -545,11 +545,25 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return _TOKEN_CACHE[key][1]
 
 
+def leading_special_ids(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before every text by default (Gemma's and Llama-2's BOS; none for SmolLM2 or
+    GPT-2). Gemma in particular is far off without it (bundled Gemma-3: perplexity 269 without, 37 with)."""
+    try:
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a")["input_ids"]
+    except Exception:  # a tokenizer without special-token handling
+        return []
+    if len(full) <= len(plain) or full[len(full) - len(plain) :] != plain:
+        return []
+    return list(full[: len(full) - len(plain)])
+
+
 def token_windows(tokenizer, text: str, seq_len: int, n_windows: int | None, seed: int = 0) -> torch.LongTensor:
     """Cut `text` into non-overlapping windows of `seq_len` tokens -> LongTensor (n, seq_len).
 
-    The whole text is tokenized once as a plain token stream (no BOS/EOS added) and cut from the start; the
-    tail shorter than a window is dropped. n_windows=None returns every window in order. Otherwise
+    The whole text is tokenized once as a plain token stream and cut from the start; where the tokenizer
+    starts every text with special ids (a BOS), each window starts with them too and holds that many fewer
+    text tokens, as the model saw in training. The tail shorter than a window is dropped. n_windows=None returns every window in order. Otherwise
     n_windows of them are chosen by a seeded torch.Generator and returned in text order; when the text has
     fewer windows than asked (but at least one), all of them are returned rather than raising.
     Raises DataError when the text does not fill even one window.
@@ -559,13 +573,17 @@ def token_windows(tokenizer, text: str, seq_len: int, n_windows: int | None, see
     if n_windows is not None and n_windows < 1:
         raise DataError(f"The number of windows must be at least 1, got {n_windows}.")
     ids = _token_ids(tokenizer, text)  # list[int], whole text
-    n_available = len(ids) // seq_len
+    prefix = leading_special_ids(tokenizer)[: seq_len - 1]  # e.g. [bos]
+    per_window = seq_len - len(prefix)  # text tokens in each window
+    n_available = len(ids) // per_window
     if n_available < 1:
         raise DataError(
             f"The text has {len(ids)} tokens, shorter than one window of {seq_len}; "
             "give more text or a shorter sequence length."
         )
-    windows = torch.tensor(ids[: n_available * seq_len], dtype=torch.long).view(n_available, seq_len)
+    windows = torch.tensor(ids[: n_available * per_window], dtype=torch.long).view(n_available, per_window)
+    if prefix:
+        windows = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n_available, -1), windows], dim=1)
     if n_windows is None or n_windows >= n_available:
         return windows
     generator = torch.Generator().manual_seed(seed)

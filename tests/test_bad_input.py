@@ -31,19 +31,21 @@ from fusegpt_core import loading
 from fusegpt_core.config import Recipe, preset
 from fusegpt_core.data import load_texts, token_windows
 from fusegpt_core.errors import DataError, FuseGPTError, ModelLoadError, PlanError, RecipeError
+from fusegpt_core.gguf_export import GGUFExportError
 from fusegpt_core.pipeline import run
 from fusegpt_core.testing import sample_text, state_hash, tiny_loaded_model, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_TEXT = "\n\n".join(sample_text(2500, seed=s) for s in range(6))  # ~15k tokens with the byte tokenizer
 OVER_CAP = 25_000_000  # bytes: over data.py's 20 MB upload limit (a sparse file: nothing is really written)
+OLD_GGUF = b"an older GGUF file"  # what a refused GGUF export must leave in place
 
 
 @dataclass
 class Case:
     name: str
     group: str
-    """'model' | 'text' | 'plan' | 'recipe'."""
+    """'model' | 'text' | 'plan' | 'recipe' | 'export'."""
     error: type[FuseGPTError]
     match: str
     """A fragment of the library's message (case-insensitive)."""
@@ -96,6 +98,27 @@ def _plan(**overrides) -> Callable[[dict], Any]:
 
 def _recipe(name: str) -> Callable[[dict], Any]:
     return lambda env: Recipe.from_file(env[name]).validate(num_blocks=6)
+
+
+def _gguf_target(name: str, quants: str = "q8_0") -> Callable[[dict], Any]:
+    """The checks `export --gguf` and `fuse --gguf` make before anything is loaded or written."""
+    from fusegpt_core.gguf_export import check_targets
+
+    return lambda env: check_targets(env[name], quants)
+
+
+def _gguf_model(env) -> None:
+    """A loaded model whose architecture GGUF has no graph for (GPT-2's learned positions, GELU)."""
+    from fusegpt_core.gguf_export import check_exportable
+
+    check_exportable(tiny_model("gpt2", num_layers=2), env["tokenizer"])
+
+
+def _quant_without_gguf(env) -> None:
+    """The command line's rule, through its own function: --quant only says how to write --gguf's file."""
+    from fusegpt_core.cli import _gguf_targets, parser
+
+    _gguf_targets(parser().parse_args(["fuse", "--model", env["tiny"], "--quant", "q8_0", "--out", "x"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,6 +197,11 @@ def _app_load(env_key: str, kind: str = "local folder or .gguf file") -> Callabl
 
 def _app_upload(env_key: str, seq_len: int = 32) -> Callable[[AppDriver], str]:
     return lambda d: d.importance("upload a file", upload=d.env[env_key], seq_len=seq_len)
+
+
+def _app_gguf(quants: Any) -> Callable[[AppDriver], str]:
+    """'Export as GGUF' on the session's run (an API client may send any text as the types)."""
+    return lambda d: d._outcome(d.fns["export_gguf"](1, quants, d.request), len(d.session.jobs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,6 +363,24 @@ CASES: list[Case] = [
     Case("recipe: blocks of a deeper model", "recipe", PlanError, "block 20 does not exist",
          lambda env: Recipe.from_file(env["deep_blocks"]).validate(num_blocks=6),
          cli=["fuse", "--recipe", "{deep_blocks}", "--out", "{tmp}/out"]),
+    # ---- export (GGUF for llama.cpp / ollama) ------------------------------------------------------------------
+    Case("export: GGUF into a missing folder", "export", GGUFExportError, "does not exist: create it first",
+         _gguf_target("gguf_nowhere"), cli=["export", "--model", "{tiny}", "--gguf", "{gguf_nowhere}"]),
+    Case("export: GGUF file exists, no --overwrite", "export", GGUFExportError,
+         "already exists: choose another name or pass --overwrite", _gguf_target("gguf_existing"),
+         cli=["export", "--model", "{tiny}", "--gguf", "{gguf_existing}"], extra={"unchanged": "gguf_existing"}),
+    Case("export: unknown GGUF type", "export", GGUFExportError,
+         "quantisation 'q5_k' is not supported; choose from f16, bf16, q8_0, q4_0",
+         _gguf_target("gguf_free", "q8_0,q5_k"),
+         cli=["export", "--model", "{tiny}", "--gguf", "{tmp}/m.gguf", "--quant", "q8_0,q5_k"],
+         app=_app_gguf("q8_0,q5_k")),
+    Case("export: architecture GGUF cannot hold (gpt2)", "export", GGUFExportError,
+         "does not support the architecture 'gpt2'", _gguf_model,
+         cli=["export", "--model", "{gpt2_config}", "--gguf", "{tmp}/m.gguf"],
+         note="the command line refuses it from config.json, before reading a weight; the app before its job "
+              "(tests/app/test_app_gguf.py)"),
+    Case("export: --quant without --gguf", "export", FuseGPTError, "--quant needs --gguf", _quant_without_gguf,
+         cli=[*FUSE_TINY, "--quant", "q8_0"]),
 ]  # fmt: skip
 
 APP_CASES = [c for c in CASES if c.app is not None]
@@ -470,6 +516,15 @@ def env(tmp_path_factory):
         files[key] = str(base / name)
     files["missing_recipe"] = str(base / "missing.json")
 
+    files["gguf_nowhere"] = str(base / "no-such-folder" / "m.gguf")
+    (base / "existing.gguf").write_bytes(OLD_GGUF)
+    files["gguf_existing"] = str(base / "existing.gguf")
+    files["gguf_free"] = str(base / "free.gguf")
+    files["gpt2_config"] = _config_folder(
+        base / "gpt2",
+        {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 259, "n_positions": 512},
+    )
+
     files["loaded"] = tiny_loaded_model("llama", 6)
     ids = tokenizer(sample_text(20000))["input_ids"]
     windows = torch.tensor(ids[: 12 * 64]).view(12, 64)
@@ -511,6 +566,8 @@ def test_library(case: Case, env):
     assert _tree(os.environ["FUSEGPT_CACHE"]) == cache_before  # no half-written cache
     if "never_created" in case.extra:
         assert not Path(env[case.extra["never_created"]]).exists()
+    if "unchanged" in case.extra:
+        assert Path(env[case.extra["unchanged"]]).read_bytes() == OLD_GGUF
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,6 +601,8 @@ def _check_cli(case: Case, code: int, stdout: str, stderr: str, tmp: Path, env: 
     assert _tree(tmp) == []  # no output folder, no partial files
     if "never_created" in case.extra:
         assert not Path(env[case.extra["never_created"]]).exists()
+    if "unchanged" in case.extra:
+        assert Path(env[case.extra["unchanged"]]).read_bytes() == OLD_GGUF
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.name for c in CLI_CASES])
@@ -670,4 +729,4 @@ def test_number_of_cases():
     print(f"\n{len(CASES)} bad-input cases: {by_group}; exercised through {paths}")
     assert len({c.name for c in CASES}) == len(CASES)
     assert len(CASES) >= 55 and len(CLI_CASES) >= 50 and len(APP_CASES) >= 40
-    assert set(by_group) == {"model", "text", "plan", "recipe"}
+    assert set(by_group) == {"model", "text", "plan", "recipe", "export"}

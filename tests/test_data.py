@@ -288,3 +288,21 @@ def test_token_windows_real_tokenizer():
     windows = data.token_windows(tokenizer, text, seq_len=16, n_windows=None)
     assert windows.shape == (7, 16)
     assert windows[0, :6].tolist() == tokenizer("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+
+
+class BosCharTokenizer(CharTokenizer):
+    """CharTokenizer that, like Gemma's and Llama-2's tokenizers, starts every text with a BOS (id 1)."""
+
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_token_windows_start_with_the_tokenizers_bos():
+    text = "abcdefghij" * 5  # 50 characters
+    windows = data.token_windows(BosCharTokenizer(), text, seq_len=10, n_windows=None)
+    assert windows.shape == (5, 10)  # 9 text tokens a window: 50 // 9 = 5 windows
+    assert windows[:, 0].tolist() == [1] * 5
+    assert "".join(chr(i) for i in windows[:, 1:].reshape(-1).tolist()) == text[:45]  # contiguous, no gaps
+    assert data.leading_special_ids(CharTokenizer()) == []  # no BOS: windows as before
+    assert data.token_windows(CharTokenizer(), text, seq_len=10, n_windows=None).shape == (5, 10)

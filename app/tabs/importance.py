@@ -50,6 +50,11 @@ class ImportanceTab(Tab):
         self.traj_plot = gr.Plot(label="MI trajectory", elem_id="trajectory-plot")
         with gr.Accordion("Raw scores (table)", open=False):
             self.scores_df = gr.Dataframe(interactive=False, elem_id="scores-table")
+        figure, caption = views.two_model_view(self.app)
+        if figure is not None:  # shipped scores of both bundled models: there at once, no model needed
+            with gr.Accordion("Which blocks matter in two models (precomputed)", open=False):
+                gr.Markdown(caption, elem_id="two-models-caption")
+                gr.Plot(figure, label="Two models", elem_id="two-models-plot")
 
     @property
     def text_inputs(self) -> list:

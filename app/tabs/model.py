@@ -8,7 +8,8 @@ from .. import explain, views, work
 from ..state import TEST_SOURCE
 from .base import Changes, Tab
 
-SOURCE_KINDS = ("bundled SmolLM2-135M", "local folder or .gguf file", "Hub id")
+SOURCE_KINDS = ("bundled SmolLM2-135M", "bundled Gemma-3-270m", "local folder or .gguf file", "Hub id")
+BUNDLED_SOURCES = {SOURCE_KINDS[0]: "bundled", SOURCE_KINDS[1]: "bundled-gemma3"}  # radio choice -> source
 
 
 class ModelTab(Tab):
@@ -36,7 +37,7 @@ class ModelTab(Tab):
 
     def wire(self) -> None:
         self.source_kind.change(
-            lambda kind: gr.update(visible=kind in SOURCE_KINDS[1:]),
+            lambda kind: gr.update(visible=kind in SOURCE_KINDS[2:]),
             self.source_kind,
             self.source_text,
             api_visibility="private",
@@ -52,7 +53,7 @@ class ModelTab(Tab):
     def load_model(self, kind, text, device, dtype, trust, request: gr.Request):
         """Load a model: kind is one of the Model radio's choices; text the path or Hub id."""
         session = self.session(request)
-        source = {SOURCE_KINDS[0]: "bundled", TEST_SOURCE: TEST_SOURCE}.get(kind, (text or "").strip())
+        source = {**BUNDLED_SOURCES, TEST_SOURCE: TEST_SOURCE}.get(kind, (text or "").strip())
         dev = None if device == "auto" else device
         dt = None if dtype == "auto" else dtype
         title = f"Load {source or 'model'}"

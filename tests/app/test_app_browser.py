@@ -6,9 +6,11 @@ they are also copied to assets/screenshots/ for the README. FUSEGPT_E2E_BUNDLED=
 flow on the bundled SmolLM2 (slower) instead of the tiny test model.
 """
 
+import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -180,6 +182,15 @@ def test_whole_flow_in_a_browser(live_app, browser):
     page.click("#generate-btn")
     _wait_done(page, "Generate")
     expect(page.locator("#generations .gen-card")).to_have_count(3)
+    # zero-shot accuracy on the bundled offline tasks (chosen by default), two items each: one column per task
+    limit_box = page.locator("#zero-shot-limit input")
+    limit_box.fill("2")
+    limit_box.press("Enter")
+    page.click("#zero-shot-btn")
+    _wait_done(page, "Zero-shot accuracy")
+    expect(table).to_contain_text("bundled_nextsent acc_norm", timeout=20_000)
+    expect(table).to_contain_text("±")
+    expect(page.locator("#accuracy-plot .js-plotly-plot")).to_be_visible()
     check.no_errors("compare")
     check.shot("5-compare")
 
@@ -189,8 +200,16 @@ def test_whole_flow_in_a_browser(live_app, browser):
     _wait_done(page, "Export model")
     expect(page.locator("#zip-file")).to_contain_text(".zip")
     expect(page.locator("#recipe-file")).to_contain_text("recipe.json")
+    # the same run as a GGUF file (q8_0 by default), measured; its row joins the Compare table
+    expect(page.locator("#gguf-quants").get_by_label("q8_0", exact=True)).to_be_checked()
+    page.click("#gguf-btn")
+    _wait_done(page, "Export GGUF")
+    expect(page.locator("#gguf-files")).to_contain_text(re.compile(r"q8_0\s*\.gguf"))  # name and suffix apart
     check.no_errors("export")
     check.shot("6-export")
+    _tab(page, "5 · Compare")
+    expect(page.locator("#compare-table")).to_contain_text("q8_0 GGUF", timeout=20_000)
+    check.no_errors("export (compare)")
 
     # a reload finds the session's results again
     page.reload()
@@ -204,6 +223,51 @@ def test_whole_flow_in_a_browser(live_app, browser):
         dest.mkdir(parents=True, exist_ok=True)
         for png in SHOTS.glob("*.png"):
             shutil.copy(png, dest / png.name)
+    page.close()
+
+
+def _pick(page, dropdown: str, value: str) -> None:
+    """Choose `value` in a gradio Dropdown by typing it (the list of choices is the model's blocks)."""
+    box = page.locator(f"{dropdown} input")
+    box.click()
+    page.get_by_role("option", name=value, exact=True).click()
+
+
+def test_guided_lesson_in_a_browser(live_app, browser):
+    """A first visit takes the lesson: guess, reveal, drop, fuse. Records the seconds from opening the page
+    to the first heatmap and to the end of the lesson (out/browser_timings.json; the README quotes the
+    bundled-model figures, FUSEGPT_E2E_BUNDLED=1)."""
+    url, _ = live_app
+    expect = playwright_api.expect
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    check = Checker(page)
+    start = time.monotonic()
+    page.goto(url)
+    page.wait_for_selector("#load-btn", timeout=60_000)
+    _wait_done(page, "Load")  # the first visit loads the default model by itself
+    timings = {"model": "bundled" if BUNDLED else "tiny (test model)"}
+    if BUNDLED:  # its scores are precomputed: the heatmap is there as soon as the model is
+        _tab(page, "2 · Importance")
+        expect(page.locator("#importance-origin")).to_contain_text("precomputed")
+        expect(page.locator("#importance-plot .js-plotly-plot")).to_be_visible()
+        timings["first_heatmap_s"] = round(time.monotonic() - start, 1)
+    _tab(page, "7 · Lesson")
+    _pick(page, "#lesson-guess", "3")
+    page.click("#lesson-reveal-btn")
+    expect(page.locator("#lesson-reveal")).to_contain_text("Your guess, block **3**".replace("**", ""), timeout=LONG)
+    expect(page.locator("#lesson-plot .js-plotly-plot")).to_be_visible()
+    timings.setdefault("first_heatmap_s", round(time.monotonic() - start, 1))  # scored here for the test model
+    page.click("#lesson-drop-btn")
+    expect(page.locator("#lesson-drop")).to_contain_text("the perplexity goes from", timeout=LONG)
+    page.click("#lesson-fuse-btn")
+    expect(page.locator("#lesson-fuse")).to_contain_text("perplexity", timeout=LONG * 2)
+    timings["lesson_end_s"] = round(time.monotonic() - start, 1)
+    check.no_errors("lesson")
+    page.locator("#lesson-drop").scroll_into_view_if_needed()
+    check.shot("8-lesson")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    (SHOTS.parent / "browser_timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
+    print("browser timings:", timings)
     page.close()
 
 

@@ -3,6 +3,8 @@ assets/make_precomputed.py): a real fusion run with its recipe, and how the Comp
 
 import json
 
+import pytest
+
 from app import views
 from app.state import PRECOMPUTED_PATH
 
@@ -38,3 +40,24 @@ def test_the_example_compares_fusion_with_dropping_and_lora_on_the_same_blocks()
 
 def test_no_example_no_view():
     assert views.classroom_views(None)[0] == "" and views.classroom_losses({}) is None
+
+
+def test_two_models_side_by_side_by_relative_depth(tmp_path):
+    from app import plots
+    from app.state import make_context
+
+    ctx = make_context(reaper=False, root=tmp_path)
+    try:
+        figure, caption = views.two_model_view(ctx)
+    finally:
+        ctx.close()
+    assert "Precomputed" in caption and "SmolLM2-135M" in caption and "Gemma-3-270m" in caption
+    smol, gemma = figure.data
+    assert len(smol.x) == 30 and len(gemma.x) == 18
+    for trace in (smol, gemma):
+        assert 0 < min(trace.x) < max(trace.x) < 1 and min(trace.y) == 0 and max(trace.y) == 1  # ranks in each
+    # the most important block of each model sits at rank 1 at its own relative depth
+    mi = json.loads(PRECOMPUTED_PATH.read_text(encoding="utf-8"))["scores"]["mi"]
+    top = max(range(30), key=lambda i: mi[i])
+    assert smol.y[top] == 1 and smol.x[top] == pytest.approx((top + 0.5) / 30)
+    assert plots.depth_profile({"one": [None, None]}).layout.annotations  # nothing to draw: says so
