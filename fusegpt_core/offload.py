@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -74,7 +75,7 @@ class BlockOffload:
         self.device = torch.device(device)
         self.host = torch.device("cpu")
         self._folder = Path(folder) if folder is not None else None
-        self._own_folder = folder is None
+        self._remove_own_folder: weakref.finalize | None = None
         self._stored: dict[int, torch.Tensor] = {}  # key -> placeholder (cpu: the host tensor; disk: meta)
         self._key_of: dict[tuple, int] = {}  # _ident(placeholder) -> key
         self._disk: dict[int, tuple[str, str, torch.dtype]] = {}  # key -> (file, tensor name in it, dtype)
@@ -99,6 +100,8 @@ class BlockOffload:
     def folder(self) -> Path:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="fusegpt-offload-"))
+            # the folder goes with this object even when nobody calls close(): a dropped model, an exit
+            self._remove_own_folder = weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
         self._folder.mkdir(parents=True, exist_ok=True)
         return self._folder
 
@@ -273,8 +276,9 @@ class BlockOffload:
         self._key_of.clear()
         self._loaded.clear()
         self._loaded_key.clear()
-        if self._own_folder and self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+        if self._remove_own_folder is not None:
+            self._remove_own_folder()
+            self._folder, self._remove_own_folder = None, None
 
 
 def return_freed_memory() -> bool:

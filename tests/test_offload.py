@@ -142,6 +142,19 @@ def test_an_unknown_offload_mode_is_refused(folders):
         load_model(str(folders["llama"]), device="cpu", offload="gpu")
 
 
+def test_a_disk_offload_folder_of_its_own_goes_with_the_model():
+    import gc
+
+    model = tiny_model("llama", num_layers=2)
+    store = BlockOffload("disk", "cpu")
+    store.attach(model)
+    folder = store.folder
+    assert any(folder.glob("*.safetensors")), "nothing was offloaded: nothing was tested"
+    del model, store  # nobody calls close(): a model the app or a test simply drops
+    gc.collect()
+    assert not folder.exists()
+
+
 def test_a_device_map_spreads_the_model_through_accelerate_with_the_same_results(folders, tmp_path):
     """accelerate places the blocks where the map says (here on disk: a CPU-only machine has no second
     device, and transformers maps "auto" there to the CPU alone); perplexity and generation agree."""
