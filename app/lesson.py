@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from fusegpt_core.errors import PlanError
+from fusegpt_core.importance import DEFAULT_SCORING
 
 from . import work
 from .jobs import Job, JobContext
@@ -126,18 +127,17 @@ def do_fuse(app: AppContext, session: Session, jc: JobContext, loaded) -> None:
 
 
 def make_drop_job(app: AppContext, session: Session) -> Job:
-    loaded = work._require_model(session)
+    loaded = work.require_model(session)
     _block_to_remove(session)  # refuse at once, not in the queue
     return lambda jc: do_drop(app, session, jc, loaded)
 
 
 def make_fuse_job(app: AppContext, session: Session) -> Job:
-    loaded = work._require_model(session)
+    loaded = work.require_model(session)
     _block_to_remove(session)
     return lambda jc: do_fuse(app, session, jc, loaded)
 
 
 def make_reveal_job(app: AppContext, session: Session) -> Job:
     """Scores for the reveal when the session has none (precomputed ones reveal at once)."""
-    return work.make_importance_job(app, session, calib_source="bundled", metrics=["mi"], seq_len=128, n_score=4,
-                                    seed=0, use_cache=True)  # fmt: skip
+    return work.make_importance_job(app, session, metrics=["mi"], use_cache=True, **DEFAULT_SCORING)

@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from fusegpt_core.errors import FuseGPTError
+from fusegpt_core.importance import DEFAULT_SCORING as SCORING
 
 from . import work
 from .state import TEST_SOURCE, AppContext
@@ -45,15 +46,15 @@ class Tools:
         source = (model or "bundled").strip()
         if source == TEST_SOURCE and not self.app.test_model:
             raise FuseGPTError("the test model is offered only in test mode; use 'bundled' or a Hub id.")
-        loaded, _ = self.app.models.get(work._model_key(source, None, None, False),
-                                        work._load_fn(self.app, source, None, None, False))  # fmt: skip
+        loaded, _ = self.app.models.get(work.model_key(source, None, None, False),
+                                        work.load_fn(self.app, source, None, None, False))  # fmt: skip
         jc.check()
         return loaded
 
     # ---- the tools ----------------------------------------------------------------------------
 
-    def block_importance(self, model: str = "bundled", metric: str = "mi", windows: int = 4,
-                         tokens_per_window: int = 128) -> dict:  # fmt: skip
+    def block_importance(self, model: str = "bundled", metric: str = "mi", windows: int = SCORING["n_score"],
+                         tokens_per_window: int = SCORING["seq_len"]) -> dict:  # fmt: skip
         """Score every transformer block of a language model by how much it matters.
 
         Args:
@@ -70,7 +71,8 @@ class Tools:
             from fusegpt_core.importance import score_blocks
 
             loaded = self._loaded(jc, model)
-            x = work.read_windows(self.app, loaded.tokenizer, "bundled", int(tokens_per_window), int(windows), 0)
+            x = work.read_windows(self.app, loaded.tokenizer, SCORING["calib_source"], int(tokens_per_window),
+                                  int(windows), SCORING["seed"])  # fmt: skip
             scores = score_blocks(loaded.model, x.to(loaded.device), metrics=(metric,), should_stop=jc.should_stop)
             values = [float(v) for v in scores[metric]]
             return {"model": model, "blocks": len(values), "metric": metric, "scores": values,
@@ -106,7 +108,9 @@ class Tools:
                 recipe.fusion.group_size = int(group_size)
             recipe.fusion.group_size = min(recipe.fusion.group_size, n)
             recipe.validate(num_blocks=n)
-            x = work.read_windows(self.app, loaded.tokenizer, "bundled", 128, 4, 0)
+            x = work.read_windows(
+                self.app, loaded.tokenizer, *(SCORING[k] for k in ("calib_source", "seq_len", "n_score", "seed"))
+            )
             mi = score_blocks(loaded.model, x.to(loaded.device), metrics=("mi",), should_stop=jc.should_stop)["mi"]
             chosen = sorted(range(n), key=lambda i: mi[i])[: int(remove)]
             memory = plan_memory(loaded.model, recipe, loaded.device, loaded.dtype)

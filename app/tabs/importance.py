@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from fusegpt_core.importance import DEFAULT_SCORING
+
 from .. import explain, views, work
 from ..recipes import HUB_DATASETS, TEXT_KINDS, TextChoice
 from .base import Changes, Tab, as_int
@@ -31,9 +33,9 @@ class ImportanceTab(Tab):
             self.upload = gr.File(label="A UTF-8 .txt file", file_types=[".txt", ".md"], type="filepath", visible=False)
             with gr.Row():
                 self.metrics = gr.CheckboxGroup(METRIC_CHOICES, value=[m for _, m in METRIC_CHOICES], label="Metrics")
-                self.seq_len = gr.Number(128, label="Tokens per window", precision=0, minimum=8)
-                self.windows = gr.Number(4, label="Windows", precision=0, minimum=1)
-                self.seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                self.seq_len = gr.Number(DEFAULT_SCORING["seq_len"], label="Tokens per window", precision=0, minimum=8)
+                self.windows = gr.Number(DEFAULT_SCORING["n_score"], label="Windows", precision=0, minimum=1)
+                self.seed = gr.Number(DEFAULT_SCORING["seed"], label="Seed", precision=0, minimum=0)
                 self.cache = gr.Checkbox(True, label="Reuse prefix states (same numbers, half the work)")
         with gr.Row():
             self.btn = gr.Button("Compute importance", variant="primary", elem_id="importance-btn", scale=1)
