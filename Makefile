@@ -21,7 +21,7 @@ test: install
 	bash scripts/ensure_chromium.sh
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

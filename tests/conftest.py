@@ -6,6 +6,16 @@ import torch
 from fusegpt_core import loading
 from fusegpt_core.testing import sample_text, tiny_model, tiny_tokenizer
 
+# Tiny models gain nothing from torch's thread pool, and lose much when the app's threads, chromium or a
+# subprocess share the two cores with it (more threads than cores: every op waits for the slowest).
+# The tests on the bundled model (marked integration) keep every core.
+ALL_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    torch.set_num_threads(ALL_THREADS if request.node.get_closest_marker("integration") else 1)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

@@ -7,7 +7,6 @@ import types
 
 import gradio as gr
 import pytest
-import torch
 
 from app import tables, views, work
 from app.jobs import CANCELLED, DONE
@@ -22,16 +21,6 @@ from fusegpt_core.testing import sample_text, state_hash
 TEXT = "text:" + sample_text(30000)
 TASKS = ["bundled_cloze", "bundled_nextsent"]
 LIMIT = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Torch on one thread for this module: on a 2-core machine with another process busy, two threads wait
-    on each other at every small op and lm-eval on the tiny model ran 10 times slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
