@@ -15,6 +15,9 @@ finished chunk is kept there (chunks.jsonl), so a restart resumes where it stopp
     python benchmarks/bench_zeroshot.py --items 300        # the first 300 items of each task
     python benchmarks/bench_zeroshot.py --threads 1        # a CPU shared with other jobs: 1 thread is faster
     python benchmarks/bench_zeroshot.py --methods fusegpt --items 200   # dense, drop and FuseGPT only
+    python benchmarks/bench_zeroshot.py --methods fusegpt --quants f16,q8_0,q4_0 --items 300
+        # and dense, drop and FuseGPT written as GGUF at each quantisation and read back (dequantised) by
+        # transformers: perplexity, file size and accuracy of each file (the fused + quantised comparison)
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 from fusegpt_core import resume, zeroshot  # noqa: E402
 from fusegpt_core.config import preset  # noqa: E402
 from fusegpt_core.evaluate import drop_blocks  # noqa: E402
+from fusegpt_core.gguf_export import load_gguf_model, parse_quants, quantisation_rows  # noqa: E402
 from fusegpt_core.loading import load_model  # noqa: E402
-from fusegpt_core.pipeline import run  # noqa: E402
+from fusegpt_core.pipeline import load_windows, run  # noqa: E402
 
 METRICS = ("acc", "acc_norm")
 
@@ -57,7 +61,7 @@ def pooled(correct: dict[str, float], n: int) -> dict[str, float | int | None]:
 
 
 def table(figures: dict[str, dict[str, dict]], tasks: list[str]) -> str:
-    header = f"{'':10s}" + "".join(f" {t + ' acc':>22s} {t + ' acc_norm':>26s}" for t in tasks)
+    header = f"{'':14s}" + "".join(f" {t + ' acc':>22s} {t + ' acc_norm':>26s}" for t in tasks)
     lines = [header]
     for label, per_task in figures.items():
         cells = []
@@ -66,7 +70,7 @@ def table(figures: dict[str, dict[str, dict]], tasks: list[str]) -> str:
             for metric, width in (("acc", 22), ("acc_norm", 26)):
                 value, stderr = f.get(metric), f.get(f"{metric}_stderr")
                 cells.append(f" {f'{value:.3f} ± {stderr:.3f}' if value is not None else '-':>{width}s}")
-        lines.append(f"{label:10s}" + "".join(cells))
+        lines.append(f"{label:14s}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -85,8 +89,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--methods", default="fusegpt,drop+lora", help="trained methods besides dense and drop "
                     "(fusegpt first: it chooses the blocks)")  # fmt: skip
+    ap.add_argument("--quants", default="", help="also evaluate dense, drop and fusegpt as GGUF files of these "
+                    "quantisations, e.g. f16,q8_0,q4_0")  # fmt: skip
     args = ap.parse_args()
     tasks = zeroshot.check_tasks(args.tasks)
+    quants = parse_quants(args.quants) if args.quants else []
+    if quants and "fusegpt" not in args.methods.split(","):
+        ap.error("--quants needs fusegpt among --methods")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -118,6 +127,18 @@ def main() -> None:
         log(f"{method}: ppl {result.report['result_ppl']:.3f} (dropped {result.report['dropped_ppl']:.3f})")
     models = {"dense": loaded.model, "drop": drop_blocks(loaded.model, blocks)}
     models.update({method: result.model for method, result in runs.items()})
+    quantised = {}  # label -> its GGUF file's row (quantisation_rows): quant, file_bytes, ppl, compression
+    if quants:
+        # perplexity of each file on the runs' own evaluation windows, so that it compares with their reports
+        _, eval_windows = load_windows(preset(args.preset, model=args.model, remove=args.remove), loaded.tokenizer)
+        (work / "gguf").mkdir(exist_ok=True)
+        for label in ("dense", "drop", "fusegpt"):
+            log(f"{label}: writing GGUF {','.join(quants)} and reading it back")
+            rows = quantisation_rows(models[label], loaded.tokenizer, work / "gguf" / f"{label}.gguf", quants,
+                                     eval_windows, size_before_bytes=2 * loaded.num_params, overwrite=True)  # fmt: skip
+            for row in rows:
+                models[f"{label} {row['quant']}"] = load_gguf_model(row["file"])  # the tokenizer stays ours
+                quantised[f"{label} {row['quant']}"] = {"of": label, **row}
     sizes = {t: len(_rows(t)) for t in tasks}
     total = {t: min(sizes[t], args.items or sizes[t]) for t in tasks}
     correct = {label: {t: {} for t in tasks} for label in models}
@@ -173,6 +194,11 @@ def main() -> None:
                 "dense": runs["fusegpt"].report["dense_ppl"],
                 "drop": runs["fusegpt"].report["dropped_ppl"],
                 **{method: result.report["result_ppl"] for method, result in runs.items()},
+                **{label: row["ppl"] for label, row in quantised.items()},
+            },
+            "gguf": {
+                label: {k: row[k] for k in ("of", "quant", "file_bytes", "compression")}
+                for label, row in quantised.items()
             },
             "seconds_zero_shot": {label: round(s, 1) for label, s in seconds.items()},
             "seconds_fusion": {m: r.report["seconds"]["total"] for m, r in runs.items()},
