@@ -52,7 +52,10 @@ def fingerprint(model: nn.Module, calib: torch.Tensor, read: Callable = _host) -
     """Short hashes that tell whether a checkpoint belongs to this model and these windows: the
     config, each tensor's name and shape with its first 1024 values, and the calibration tokens.
     `read`: a tensor slot -> its values on the host (offloaded blocks: BlockOffload.host_copy)."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    # where the model was read from is not part of it: the bundled model's first load comes from its GGUF
+    # file, later ones from the cache, and a run must resume across the two
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "_model_name_or_path")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, t in model.state_dict(keep_vars=True).items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(read(t).reshape(-1)[:1024].float().numpy().tobytes())

@@ -78,6 +78,19 @@ def test_a_checkpoint_stores_what_rounds_changed_not_the_model(windows, tmp_path
     assert (folder / "tensors.safetensors").stat().st_size < weights / 2
 
 
+def test_the_fingerprint_is_the_models_not_where_it_was_read_from(windows, tmp_path):
+    from fusegpt_core.loading import load_model
+
+    for name in ("a", "b"):
+        tiny_model("llama", num_layers=2).save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    a, b = (load_model(str(tmp_path / name), device="cpu").model for name in ("a", "b"))
+    assert a.config._name_or_path != b.config._name_or_path
+    assert resume.fingerprint(a, windows) == resume.fingerprint(b, windows)
+    b.config.rms_norm_eps *= 2  # the config itself still counts
+    assert resume.fingerprint(a, windows) != resume.fingerprint(b, windows)
+
+
 def test_resume_refuses_another_model_or_text(windows, tmp_path):
     recipe = _recipe("fusegpt")
     on_event, should_stop = _stop_after_round(1)
